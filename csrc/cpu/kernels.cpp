@@ -1,0 +1,163 @@
+// CPU kernels behind dora_ext.h. Parallel over rows with at::parallel_for; ATen ops called inside a parallel
+// region run single-threaded, so each thread works on its own cache-sized block.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../dora_ext.h"
+
+namespace dora_ext::cpu {
+namespace {
+
+// Rows of W per block: the [rows, in] accumulation block stays around 256 KiB, i.e. in L2.
+int64_t rows_per_block(int64_t in_features) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(in_features, 1)); }
+
+// Calls fn(row0, rows) for consecutive row blocks of W, in parallel. at::parallel_for does not carry
+// thread-local state (grad mode, the below-autograd dispatch exclusion) into OpenMP worker threads, so ATen ops
+// inside fn must only see tensors that do not require grad: callers pass detached aliases (no copy).
+template <typename Fn>
+void for_each_row_block(int64_t out_features, int64_t in_features, const Fn& fn) {
+    const int64_t block = rows_per_block(in_features);
+    at::parallel_for(0, out_features, block, [&](int64_t begin, int64_t end) {
+        for (int64_t r0 = begin; r0 < end; r0 += block) fn(r0, std::min(block, end - r0));
+    });
+}
+
+}  // namespace
+
+at::Tensor lowrank_row_norm(const at::Tensor& W_in, const at::Tensor& A_in, const at::Tensor& B_in, double s) {
+    const auto W = W_in.detach(), A = A_in.detach(), B = B_in.detach();
+    const int64_t out = W.size(0), in = W.size(1);
+    auto norm = at::empty({out}, A.options());
+    for_each_row_block(out, in, [&](int64_t r0, int64_t rows) {
+        // V = W[rows] + s·B[rows]·A in the accumulation dtype: one block-sized temporary, never [out, in].
+        auto V = at::empty({rows, in}, A.options());
+        V.copy_(W.narrow(0, r0, rows));
+        V.addmm_(B.narrow(0, r0, rows), A, 1.0, s);
+        auto dst = norm.narrow(0, r0, rows);
+        at::linalg_vector_norm_out(dst, V, 2, at::IntArrayRef{1});
+    });
+    return norm;
+}
+
+void lowrank_rowscale_(at::Tensor& W_inout, const at::Tensor& c_in, const at::Tensor& d_in, const at::Tensor& A_in,
+                       const at::Tensor& B_in, double s) {
+    // W is written through its detached alias: same storage and version counter.
+    const auto W = W_inout.detach(), c = c_in.detach(), d = d_in.detach(), A = A_in.detach(), B = B_in.detach();
+    const int64_t out = W.size(0), in = W.size(1);
+    for_each_row_block(out, in, [&](int64_t r0, int64_t rows) {
+        auto rows_of_W = W.narrow(0, r0, rows);
+        auto V = at::mm(B.narrow(0, r0, rows), A);  // [rows, in] in the accumulation dtype: the only temporary
+        V.mul_(d.narrow(0, r0, rows).unsqueeze(1) * s).addcmul_(rows_of_W, c.narrow(0, r0, rows).unsqueeze(1));
+        rows_of_W.copy_(V);  // the only rounding to W's dtype
+    });
+}
+
+void epilogue(at::Tensor& out, const at::Tensor& acc, const at::Tensor& g, const at::Tensor& bias) {
+    const int64_t T = acc.size(0), N = acc.size(1);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, acc.scalar_type(), "dora_ext::epilogue", [&] {
+        using opmath_t = at::opmath_type<scalar_t>;
+        const auto* a = acc.const_data_ptr<scalar_t>();
+        const auto* gp = g.const_data_ptr<opmath_t>();
+        const scalar_t* bp = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+        auto* o = out.mutable_data_ptr<scalar_t>();
+        at::parallel_for(0, T, std::max<int64_t>(1, 32768 / std::max<int64_t>(N, 1)), [&](int64_t t0, int64_t t1) {
+            for (int64_t t = t0; t < t1; ++t) {
+                const scalar_t* ar = a + t * N;
+                scalar_t* orow = o + t * N;
+                if (bp) {
+                    for (int64_t j = 0; j < N; ++j)
+                        orow[j] = static_cast<scalar_t>(gp[j] * static_cast<opmath_t>(ar[j]) + static_cast<opmath_t>(bp[j]));
+                } else {
+                    for (int64_t j = 0; j < N; ++j) orow[j] = static_cast<scalar_t>(gp[j] * static_cast<opmath_t>(ar[j]));
+                }
+            }
+        });
+    });
+}
+
+void epilogue_dropout(at::Tensor& base, at::Tensor& P, const at::Tensor& Q, const at::Tensor& g,
+                      const at::Tensor& gm1, const at::Tensor& bias, double s) {
+    const int64_t T = base.size(0), N = base.size(1);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, base.scalar_type(), "dora_ext::epilogue_dropout", [&] {
+        using opmath_t = at::opmath_type<scalar_t>;
+        auto* y = base.mutable_data_ptr<scalar_t>();
+        auto* p = P.mutable_data_ptr<scalar_t>();
+        const auto* q = Q.const_data_ptr<scalar_t>();
+        const auto* gp = g.const_data_ptr<opmath_t>();
+        const auto* gm1p = gm1.const_data_ptr<opmath_t>();
+        const scalar_t* bp = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+        const auto sc = static_cast<opmath_t>(s);
+        at::parallel_for(0, T, std::max<int64_t>(1, 32768 / std::max<int64_t>(N, 1)), [&](int64_t t0, int64_t t1) {
+            for (int64_t t = t0; t < t1; ++t) {
+                const int64_t row = t * N;
+                for (int64_t j = 0; j < N; ++j) {
+                    const opmath_t pv = static_cast<opmath_t>(p[row + j]);
+                    const opmath_t qv = sc * static_cast<opmath_t>(q[row + j]);
+                    const opmath_t b = bp ? static_cast<opmath_t>(bp[j]) : opmath_t(0);
+                    y[row + j] = static_cast<scalar_t>(static_cast<opmath_t>(y[row + j]) + b + gm1p[j] * pv + gp[j] * qv);
+                    p[row + j] = static_cast<scalar_t>(pv + qv);
+                }
+            }
+        });
+    });
+}
+
+void backward_reduce(BackwardReduce& r) {
+    const int64_t T = r.grad.size(0), N = r.grad.size(1);
+    const int64_t chunks = (T + kReduceChunkRows - 1) / kReduceChunkRows;
+    const bool want_dot = r.dot.defined(), want_sum = r.colsum.defined();
+    const auto acc_dtype = r.g.scalar_type();
+    // Partial sums per fixed chunk of rows, added in chunk order afterwards: same bits for any thread count.
+    at::Tensor dot_part = want_dot ? at::zeros({chunks, N}, r.g.options()) : at::Tensor();
+    at::Tensor sum_part = want_sum ? at::zeros({chunks, N}, r.g.options()) : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.grad.scalar_type(), "dora_ext::backward_reduce", [&] {
+        using opmath_t = at::opmath_type<scalar_t>;
+        TORCH_INTERNAL_ASSERT(c10::CppTypeToScalarType<opmath_t>::value == acc_dtype);
+        const auto* d = r.grad.const_data_ptr<scalar_t>();
+        const scalar_t* a = want_dot ? r.acc.const_data_ptr<scalar_t>() : nullptr;
+        const auto* gp = r.g.const_data_ptr<opmath_t>();
+        const opmath_t* gm1p = r.grad_scaled_m1.defined() ? r.gm1.const_data_ptr<opmath_t>() : nullptr;
+        scalar_t* gs = r.grad_scaled.defined() ? r.grad_scaled.mutable_data_ptr<scalar_t>() : nullptr;
+        scalar_t* gsm1 = gm1p ? r.grad_scaled_m1.mutable_data_ptr<scalar_t>() : nullptr;
+        opmath_t* dotp = want_dot ? dot_part.mutable_data_ptr<opmath_t>() : nullptr;
+        opmath_t* sump = want_sum ? sum_part.mutable_data_ptr<opmath_t>() : nullptr;
+        at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+            for (int64_t c = c0; c < c1; ++c) {
+                const int64_t t_end = std::min(T, (c + 1) * kReduceChunkRows);
+                for (int64_t t = c * kReduceChunkRows; t < t_end; ++t) {
+                    const int64_t row = t * N;
+                    if (gs)
+                        for (int64_t j = 0; j < N; ++j)
+                            gs[row + j] = static_cast<scalar_t>(gp[j] * static_cast<opmath_t>(d[row + j]));
+                    if (gsm1)
+                        for (int64_t j = 0; j < N; ++j)
+                            gsm1[row + j] = static_cast<scalar_t>(gm1p[j] * static_cast<opmath_t>(d[row + j]));
+                    if (dotp)
+                        for (int64_t j = 0; j < N; ++j)
+                            dotp[c * N + j] += static_cast<opmath_t>(d[row + j]) * static_cast<opmath_t>(a[row + j]);
+                    if (sump)
+                        for (int64_t j = 0; j < N; ++j) sump[c * N + j] += static_cast<opmath_t>(d[row + j]);
+                }
+            }
+        });
+        auto finish = [&](const opmath_t* part, at::Tensor& dst) {
+            auto* o = dst.mutable_data_ptr<opmath_t>();
+            at::parallel_for(0, N, 1024, [&](int64_t j0, int64_t j1) {
+                for (int64_t j = j0; j < j1; ++j) {
+                    opmath_t total = 0;
+                    for (int64_t c = 0; c < chunks; ++c) total += part[c * N + j];
+                    o[j] = total;
+                }
+            });
+        };
+        if (dotp) finish(dotp, r.dot);
+        if (sump) finish(sump, r.colsum);
+    });
+}
+
+}  // namespace dora_ext::cpu

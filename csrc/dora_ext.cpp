@@ -1,0 +1,49 @@
+// The one TORCH_LIBRARY of the `dora_ext` namespace: every op schema lives here. Kernels are registered per
+// backend in dora_linear.cpp (CPU always, CUDA when the build includes it).
+//
+// Conventions: `weight` is an nn.Linear weight [out, in]; lora_A [r, in]; lora_B [out, r]; magnitude [out];
+// `weight_norm` is ‖W + s·B·A‖ per output row in float32 (float64 for float64 inputs) and is never differentiated
+// (DoRA, Liu et al. 2024, §4.3: the norm is treated as a constant).
+#include <Python.h>
+#include <torch/library.h>
+
+#include "dora_ext.h"
+
+extern "C" {
+// Importing `dora_ext._C` from Python only has to load this shared object so that the static TORCH_LIBRARY
+// initialisers below run; the module itself is empty (no pybind: ops are reached through torch.ops.dora_ext).
+PyObject* PyInit__C(void) {
+    static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+    return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(dora_ext, m) {
+    // Row norms of W + s·B·A, accumulated in fp32, without an [out, in] temporary.
+    m.def("weight_norm(Tensor weight, Tensor lora_A, Tensor lora_B, float scaling) -> Tensor");
+
+    // Fused DoRA linear with PEFT 0.21 semantics, g = magnitude / max(weight_norm, eps):
+    //   x_drop is None:  out = g ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + bias
+    //   x_drop given:    out = x Wᵀ + bias + (g-1) ⊙ (x_drop Wᵀ) + g ⊙ s·(x_drop Aᵀ) Bᵀ
+    // Also returns what the backward needs: acc, the pre-scale sum [T, out] (the bracket above, or
+    // x_drop Wᵀ + s·(x_drop Aᵀ)Bᵀ), and lora_u = x_src Aᵀ [T, r], where T is the product of x's leading dims.
+    m.def(
+        "dora_linear(Tensor x, Tensor? x_drop, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
+        "Tensor magnitude, Tensor weight_norm, float scaling) -> (Tensor out, Tensor acc, Tensor lora_u)");
+
+    // Gradients of dora_linear; output_mask selects (x, x_drop, lora_A, lora_B, magnitude, bias).
+    // x_src is x_drop when dropout is true, else x; it is only needed for the lora_A gradient.
+    m.def(
+        "dora_linear_backward(Tensor grad_out, Tensor? x_src, Tensor weight, Tensor lora_A, Tensor lora_B, "
+        "Tensor magnitude, Tensor weight_norm, Tensor? acc, Tensor? lora_u, float scaling, bool dropout, "
+        "bool[6] output_mask) -> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
+
+    // In place: weight ← g ⊙ (weight + s·B·A) with g from the norm of the unmerged weight; unmerge_ inverts it
+    // with the same (cached) norm: weight ← weight / g − s·B·A.
+    m.def(
+        "merge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, Tensor magnitude, Tensor weight_norm, "
+        "float scaling) -> ()");
+    m.def(
+        "unmerge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, Tensor magnitude, Tensor weight_norm, "
+        "float scaling) -> ()");
+}

@@ -1,0 +1,40 @@
+"""Peak memory of one call, on CPU or CUDA, for benchmarks and for tests that assert no large temporaries."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+
+def peak_memory(fn: Callable[[], Any], device: str | torch.device = "cpu") -> tuple[Any, int]:
+    """Run fn() and return (its result, peak bytes allocated above the level at the start of the call).
+
+    CUDA: the caching allocator's max_memory_allocated. CPU: every allocation and free the profiler records,
+    summed in time order; the call runs on one thread because the profiler does not see allocations made by
+    ATen's OpenMP worker threads (per-thread blocks would otherwise go uncounted).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        result = fn()
+        torch.cuda.synchronize(device)
+        return result, torch.cuda.max_memory_allocated(device) - start
+    from torch.profiler import ProfilerActivity, profile
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            result = fn()
+    finally:
+        torch.set_num_threads(threads)
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    level = peak = 0
+    for e in events:
+        level += e.nbytes()
+        peak = max(peak, level)
+    return result, peak

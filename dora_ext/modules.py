@@ -1,0 +1,147 @@
+"""nn.Module swap-ins. Modules hold parameters and state and call dora_ext.ops; no kernel logic lives here."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import ops
+
+__all__ = ["DoRALinear"]
+
+
+def _check_rank_alpha(r, alpha, dropout):
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"DoRALinear: expected an integer rank r >= 1, got {r!r}")
+    if alpha is not None and not (isinstance(alpha, (int, float)) and math.isfinite(alpha)):
+        raise ValueError(f"DoRALinear: expected a finite alpha, got {alpha!r}")
+    if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+        raise ValueError(f"DoRALinear: expected dropout in [0, 1), got {dropout!r}")
+
+
+class DoRALinear(nn.Module):
+    """DoRA on a frozen nn.Linear: y = m ⊙ (W + s·B·A) x / ‖W + s·B·A‖_row + b, the norm detached (PEFT 0.21).
+
+    The wrapped layer is kept as `base_layer` (its weight is shared, not copied). Trainable: `lora_A` [r, in]
+    (kaiming-uniform, a=√5), `lora_B` [out, r] (zeros), `magnitude` [out] (= ‖W + s·B·A‖_row at init).
+    Adapter parameters are float32 for float16/bfloat16 bases (PEFT's autocast_adapter_dtype=True) unless
+    `adapter_dtype` says otherwise. The output has x's dtype.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        r: int,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        adapter_dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"DoRALinear: expected an nn.Linear to wrap, got {type(base_layer).__name__}")
+        _check_rank_alpha(r, alpha, dropout)
+        weight = base_layer.weight
+        if not weight.is_floating_point():
+            raise TypeError(f"DoRALinear: expected a floating-point base weight, got {weight.dtype}")
+        base_layer.requires_grad_(False)
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.r = r
+        self.alpha = float(r if alpha is None else alpha)
+        self.use_rslora = use_rslora
+        self.scaling = self.alpha / (math.sqrt(r) if use_rslora else r)
+        self.dropout_p = float(dropout)
+        if adapter_dtype is None:
+            adapter_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        factory = {"device": weight.device, "dtype": adapter_dtype}
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
+        self.magnitude = nn.Parameter(torch.empty(self.out_features, **factory))
+        self.merged = False
+        self._merged_norm: Tensor | None = None  # norm of the unmerged weight, needed to unmerge
+        self._zero_factor_rows: tuple[Tensor, Tensor] | None = None  # rows a merge with g = 0 would destroy
+        self.reset_parameters()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int, alpha: float | None = None, dropout: float = 0.0,
+                    use_rslora: bool = False, adapter_dtype: torch.dtype | None = None) -> "DoRALinear":
+        """Wrap `linear` (frozen, weight shared) with a fresh DoRA adapter; scaling = alpha/r (alpha/√r with rsLoRA)."""
+        return cls(linear, r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, adapter_dtype=adapter_dtype)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """PEFT's default init: A kaiming-uniform(a=√5), B = 0, magnitude = ‖W + s·B·A‖_row (so y = base at init)."""
+        if self.merged:
+            raise RuntimeError("DoRALinear.reset_parameters: unmerge() first; the base weight holds a merged adapter")
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+        self.magnitude.copy_(self.weight_norm())
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base_layer.bias
+
+    def weight_norm(self) -> Tensor:
+        """‖W + s·B·A‖ per output row (float32), from the current (unmerged) weight."""
+        return ops.weight_norm(self.weight, self.lora_A, self.lora_B, self.scaling)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        x_drop = F.dropout(x, self.dropout_p, training=True) if self.training and self.dropout_p > 0 else None
+        return ops.dora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.magnitude, self.scaling,
+                               x_drop=x_drop)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into the base weight in place: W ← g ⊙ (W + s·B·A). No-op when already merged."""
+        if self.merged:
+            return
+        norm = self.weight_norm()
+        zero = (self.magnitude == 0).nonzero().flatten()
+        # g = 0 zeroes a row for good; keep those few rows so unmerge() can restore them exactly.
+        self._zero_factor_rows = (zero, self.weight[zero].clone()) if zero.numel() else None
+        ops.merge_(self.weight, self.lora_A, self.lora_B, self.magnitude, norm, self.scaling)
+        self._merged_norm = norm
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo merge() with the norm cached at merge time (exact up to rounding). No-op when not merged."""
+        if not self.merged:
+            return
+        magnitude = self.magnitude
+        if self._zero_factor_rows is not None:
+            rows, saved = self._zero_factor_rows
+            magnitude = magnitude.clone()
+            magnitude[rows] = 1.0  # any non-zero factor: these rows are overwritten from the saved copy below
+        ops.unmerge_(self.weight, self.lora_A, self.lora_B, magnitude, self._merged_norm, self.scaling)
+        if self._zero_factor_rows is not None:
+            self.weight[rows] = saved
+        self._merged_norm, self._zero_factor_rows, self.merged = None, None, False
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """A new plain nn.Linear holding the merged weight (this layer is left as it is)."""
+        base = self.base_layer
+        plain = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None,
+                          device=self.weight.device, dtype=self.weight.dtype)
+        plain.weight.copy_(self.weight)
+        if not self.merged:
+            ops.merge_(plain.weight, self.lora_A, self.lora_B, self.magnitude, self.weight_norm(), self.scaling)
+        if base.bias is not None:
+            plain.bias.copy_(base.bias)
+        plain.requires_grad_(False)
+        return plain
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"scaling={self.scaling:g}, dropout={self.dropout_p:g}, merged={self.merged}")

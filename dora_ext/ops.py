@@ -1,0 +1,161 @@
+"""Functional API over torch.ops.dora_ext: per op a wrapper, a fake (shape) kernel and, where differentiable, an
+autograd registration, so eager mode, torch.compile(fullgraph=True) and torch.library.opcheck all work.
+
+Shapes: x[..., in], weight[out, in], bias[out], lora_A[r, in], lora_B[out, r], magnitude[out].
+The weight norm ‖W + s·B·A‖_row is a constant for autograd (DoRA, Liu et al. 2024, §4.3; PEFT detaches it too).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["weight_norm", "dora_linear", "merge_", "unmerge_", "NORM_EPS"]
+
+_ops = torch.ops.dora_ext
+
+#: Norms are clamped to this before g = m / n (csrc/dora_ext.h: kNormEps). PEFT has no clamp and yields NaN for
+#: an all-zero row of W + s·B·A; here such a row gets g = m / 1e-6 (0 for the usual m = ‖W_row‖ = 0).
+NORM_EPS = 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------- weight_norm
+def weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    """Row norms ‖W + s·B·A‖₂ → [out], float32 (float64 if weight or lora_A is float64).
+
+    Computed in one streaming pass over W without materialising the [out, in] sum; never differentiated.
+    """
+    return _ops.weight_norm(weight, lora_A, lora_B, float(scaling))
+
+
+def _norm_dtype(weight: Tensor, lora_A: Tensor) -> torch.dtype:
+    return torch.float64 if torch.float64 in (weight.dtype, lora_A.dtype) else torch.float32
+
+
+@torch.library.register_fake("dora_ext::weight_norm")
+def _(weight, lora_A, lora_B, scaling):
+    return weight.new_empty((weight.shape[0],), dtype=_norm_dtype(weight, lora_A))
+
+
+def _weight_norm_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(output)
+
+
+def _weight_norm_backward(ctx, grad):
+    return None, None, None, None  # a constant by definition (DoRA §4.3)
+
+
+torch.library.register_autograd("dora_ext::weight_norm", _weight_norm_backward, setup_context=_weight_norm_setup)
+
+
+# ---------------------------------------------------------------------------------------------------- dora_linear
+def dora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    magnitude: Tensor,
+    scaling: float,
+    *,
+    x_drop: Tensor | None = None,
+    weight_norm: Tensor | None = None,
+) -> Tensor:
+    """Fused DoRA linear with PEFT 0.21 semantics; returns [..., out] in x's dtype.
+
+    Without x_drop: y = g ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + bias.
+    With x_drop = dropout(x) (training, p > 0): y = x Wᵀ + bias + (g-1) ⊙ (x_drop Wᵀ) + g ⊙ s·(x_drop Aᵀ) Bᵀ.
+    g = magnitude / max(weight_norm, NORM_EPS); weight_norm is computed when not given (pass a cached one to skip
+    that pass). Gradients flow to x, x_drop, lora_A, lora_B, magnitude and bias; the weight must be frozen.
+    """
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "dora_ext.dora_linear: expected a frozen weight (requires_grad=False); DoRA trains lora_A, lora_B and "
+            "magnitude, got a weight that requires grad"
+        )
+    if weight_norm is None:
+        weight_norm = _ops.weight_norm(weight, lora_A, lora_B, float(scaling))
+    out, _, _ = _ops.dora_linear(x, x_drop, weight, bias, lora_A, lora_B, magnitude, weight_norm, float(scaling))
+    return out
+
+
+@torch.library.register_fake("dora_ext::dora_linear")
+def _(x, x_drop, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling):
+    torch._check(
+        x.shape[-1] == weight.shape[1],
+        lambda: f"dora_ext::dora_linear: expected x of shape [..., {weight.shape[1]}], got {tuple(x.shape)}",
+    )
+    tokens = math.prod(x.shape[:-1])
+    out_features, rank = weight.shape[0], lora_A.shape[0]
+    return (
+        x.new_empty((*x.shape[:-1], out_features)),
+        x.new_empty((tokens, out_features)),
+        x.new_empty((tokens, rank)),
+    )
+
+
+def _dora_linear_setup(ctx, inputs, output):
+    x, x_drop, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling = inputs
+    _, acc, lora_u = output
+    ctx.mark_non_differentiable(acc, lora_u)
+    need = ctx.needs_input_grad
+    if need[2]:
+        raise ValueError("dora_ext::dora_linear: the gradient of the base weight is not supported (it is frozen)")
+    ctx.scaling = scaling
+    ctx.dropout = x_drop is not None
+    # (x, x_drop, lora_A, lora_B, magnitude, bias), the order of dora_linear_backward's output_mask.
+    ctx.mask = [need[0], need[1], need[4], need[5], need[6], need[3]]
+    x_src = x_drop if ctx.dropout else x
+    # Save only what the requested gradients read: x_src for lora_A, lora_u for lora_B, acc for the magnitude.
+    ctx.save_for_backward(
+        x_src if need[4] else None,
+        weight,
+        lora_A,
+        lora_B,
+        magnitude,
+        weight_norm,
+        acc if need[6] else None,
+        lora_u if need[5] else None,
+    )
+
+
+def _dora_linear_backward(ctx, grad_out, _grad_acc, _grad_u):
+    x_src, weight, lora_A, lora_B, magnitude, weight_norm, acc, lora_u = ctx.saved_tensors
+    gx, gxd, gA, gB, gm, gb = _ops.dora_linear_backward(
+        grad_out, x_src, weight, lora_A, lora_B, magnitude, weight_norm, acc, lora_u, ctx.scaling, ctx.dropout,
+        ctx.mask,
+    )
+    return gx, gxd, None, gb, gA, gB, gm, None, None
+
+
+torch.library.register_autograd("dora_ext::dora_linear", _dora_linear_backward, setup_context=_dora_linear_setup)
+
+
+@torch.library.register_fake("dora_ext::dora_linear_backward")
+def _(grad_out, x_src, weight, lora_A, lora_B, magnitude, weight_norm, acc, lora_u, scaling, dropout, output_mask):
+    need_x, need_xd, need_A, need_B, need_m, need_bias = output_mask
+    x_shape = (*grad_out.shape[:-1], weight.shape[1])
+    return (
+        grad_out.new_empty(x_shape) if need_x else None,
+        grad_out.new_empty(x_shape) if need_xd else None,
+        torch.empty_like(lora_A) if need_A else None,
+        torch.empty_like(lora_B) if need_B else None,
+        torch.empty_like(magnitude) if need_m else None,
+        grad_out.new_empty((weight.shape[0],)) if need_bias else None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- merging
+def merge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, weight_norm: Tensor, scaling: float):
+    """In place: weight ← g ⊙ (weight + s·B·A), g = m / max(weight_norm, eps), weight_norm of the unmerged weight.
+
+    Keep weight_norm: unmerge_ needs the same one. No [out, in] temporary is allocated.
+    """
+    _ops.merge_(weight, lora_A, lora_B, magnitude, weight_norm, float(scaling))
+
+
+def unmerge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, weight_norm: Tensor, scaling: float):
+    """In place inverse of merge_ with the weight_norm cached at merge time: weight ← weight / g − s·B·A."""
+    _ops.unmerge_(weight, lora_A, lora_B, magnitude, weight_norm, float(scaling))

@@ -1,0 +1,24 @@
+import os
+
+import pytest
+import torch
+
+import dora_ext  # noqa: F401  (registers torch.ops.dora_ext)
+
+
+def _devices():
+    override = os.environ.get("DORA_EXT_TEST_DEVICE")
+    if override:
+        return [d.strip() for d in override.split(",") if d.strip()]
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def pytest_generate_tests(metafunc):
+    if "device" in metafunc.fixturenames:
+        metafunc.parametrize("device", [pytest.param(d, marks=[pytest.mark.cuda] if d == "cuda" else [])
+                                        for d in _devices()])
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

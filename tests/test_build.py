@@ -1,0 +1,34 @@
+"""What the build produced: every op has a CPU kernel, and CUDA kernels whenever the build included CUDA.
+
+This runs without a GPU: it catches a build that silently dropped the CUDA sources (CI builds with
+DORA_EXT_CUDA=1 and runs this test with the same variable set).
+"""
+
+import os
+
+import pytest
+import torch
+
+import dora_ext  # noqa: F401
+
+OPS = ["weight_norm", "dora_linear", "dora_linear_backward", "merge_", "unmerge_"]
+
+
+def has_kernel(op, key):
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"dora_ext::{op}", key)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_cpu_kernel_registered(op):
+    assert has_kernel(op, "CPU")
+
+
+def test_cuda_kernels_all_or_none():
+    assert len({has_kernel(op, "CUDA") for op in OPS}) == 1
+
+
+@pytest.mark.skipif(os.environ.get("DORA_EXT_CUDA") != "1" and not torch.cuda.is_available(),
+                    reason="built without DORA_EXT_CUDA=1 and no GPU present")
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_kernel_registered(op):
+    assert has_kernel(op, "CUDA"), f"dora_ext::{op} has no CUDA kernel: the extension was built CPU-only"

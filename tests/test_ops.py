@@ -1,0 +1,123 @@
+"""Each op against dora_ext.reference evaluated in float64 on the same (rounded) inputs."""
+
+import pytest
+import torch
+
+from dora_ext import ops
+from dora_ext import reference as ref
+from dora_ext.memory import peak_memory
+from helpers import as64, assert_close, dtype_id, make_dora_inputs
+
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [(1, 1), (3, 127), (127, 3), (64, 96)]
+RANKS = [1, 8, 64]
+
+
+def adapter_dtype_for(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32  # PEFT: fp32 adapters on half bases
+
+
+@pytest.mark.parametrize("r", RANKS)
+@pytest.mark.parametrize("in_f,out_f", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_weight_norm(device, dtype, in_f, out_f, r):
+    _, W, _, A, B, _ = make_dora_inputs(in_f, out_f, r, device=device, dtype=dtype,
+                                        adapter_dtype=adapter_dtype_for(dtype))
+    norm = ops.weight_norm(W, A, B, 1.7)
+    expected = ref.weight_norm(*as64(W, A, B), 1.7)
+    assert norm.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    # The inputs are exact in both computations; only the fp32 accumulation differs from the fp64 oracle.
+    assert_close(norm, expected, norm.dtype)
+
+
+def test_weight_norm_allocates_no_out_by_in_temporary():
+    _, W, _, A, B, _ = make_dora_inputs(1024, 1024, 16)
+    w_bytes = W.numel() * W.element_size()
+    _, ours = peak_memory(lambda: ops.weight_norm(W, A, B, 2.0))
+    _, dense = peak_memory(lambda: ref.weight_norm(W, A, B, 2.0))
+    assert dense >= w_bytes  # the probe sees a dense [out, in] temporary...
+    assert ours < w_bytes / 8  # ...and ours only cache-sized blocks
+
+
+def test_weight_norm_multithreaded_with_trainable_factors(device):
+    """Regression: OpenMP worker threads run without the caller's autograd state; factors that require grad
+    used to make the CPU kernel fail once the matrix spanned several row blocks."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _, W, _, A, B, _ = make_dora_inputs(512, 256, 8, device=device, requires_grad=True)
+        norm = ops.weight_norm(W, A, B, 1.0)
+    finally:
+        torch.set_num_threads(threads)
+    assert not norm.requires_grad
+    assert_close(norm, ref.weight_norm(*as64(W, A, B), 1.0), torch.float32)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("r", RANKS)
+@pytest.mark.parametrize("in_f,out_f", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_forward(device, dtype, in_f, out_f, r, bias):
+    x, W, b, A, B, m = make_dora_inputs(in_f, out_f, r, device=device, dtype=dtype, bias=bias,
+                                        adapter_dtype=adapter_dtype_for(dtype))
+    y = ops.dora_linear(x, W, b, A, B, m, 0.8)
+    assert y.dtype == dtype and y.shape == (5, out_f)
+    assert_close(y, ref.dora_linear(*as64(x, W, b, A, B, m), 0.8), dtype)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_forward_dropout_formula(device, dtype, bias):
+    x, W, b, A, B, m = make_dora_inputs(40, 24, 8, device=device, dtype=dtype, bias=bias, lead=(3, 7),
+                                        adapter_dtype=adapter_dtype_for(dtype))
+    x_drop = x * (torch.rand_like(x) > 0.3) / 0.7
+    y = ops.dora_linear(x, W, b, A, B, m, 2.0, x_drop=x_drop)
+    expected = ref.dora_linear(*as64(x, W, b, A, B, m), 2.0, x_drop=x_drop.double())
+    assert_close(y, expected, dtype)
+
+
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contig", "strided"])
+@pytest.mark.parametrize("lead", [(), (4,), (2, 3), (2, 3, 2)], ids=lambda s: f"{len(s) + 1}d")
+def test_leading_dims_and_strides(device, lead, contiguous):
+    _, W, b, A, B, m = make_dora_inputs(33, 17, 4, device=device, dtype=torch.float64, requires_grad=True)
+    wide = torch.randn(*lead, 66, dtype=torch.float64, device=device)
+    x = (wide[..., ::2] if not contiguous else wide[..., :33].contiguous()).requires_grad_(True)
+    assert x.is_contiguous() == contiguous or x.dim() == 1
+    y = ops.dora_linear(x, W, b, A, B, m, 1.5)
+    y_ref = ref.dora_linear(x, W, b, A, B, m, 1.5)
+    assert y.shape == (*lead, 17)
+    assert_close(y, y_ref, torch.float64)
+    grad = torch.randn_like(y)
+    ours = torch.autograd.grad(y, (x, A, B, m), grad)
+    theirs = torch.autograd.grad(y_ref, (x, A, B, m), grad)
+    for name, a, e in zip("x A B m".split(), ours, theirs):
+        assert_close(a, e, torch.float64, msg=name)
+
+
+def test_empty_batch(device):
+    x, W, b, A, B, m = make_dora_inputs(8, 6, 2, device=device, lead=(0,), requires_grad=True)
+    y = ops.dora_linear(x, W, b, A, B, m, 1.0)
+    assert y.shape == (0, 6)
+    y.sum().backward()
+    assert m.grad.abs().sum() == 0 and A.grad.shape == A.shape
+
+
+def test_precomputed_norm_is_used(device):
+    x, W, b, A, B, m = make_dora_inputs(16, 8, 4, device=device, dtype=torch.float64)
+    norm = 2 * ops.weight_norm(W, A, B, 1.0)
+    y = ops.dora_linear(x, W, b, A, B, m, 1.0, weight_norm=norm)
+    expected = ref.dora_linear(x, W, b, A, B, m / 2, 1.0)  # doubling n halves g
+    assert_close(y, expected, torch.float64)
+
+
+def test_zero_row_gives_finite_output(device):
+    x, W, b, A, B, _ = make_dora_inputs(16, 8, 4, device=device, dtype=torch.float64)
+    W[3] = 0
+    B[3] = 0  # the whole row of W + s·B·A is zero
+    m = ops.weight_norm(W, A, B, 1.0).clone()  # PEFT's init: m = ‖W + s·B·A‖ = 0 for row 3
+    y = ops.dora_linear(x, W, b, A, B, m, 1.0)
+    assert torch.isfinite(y).all()
+    assert_close(y[:, 3], b[3].expand(5), torch.float64)  # g = 0/eps = 0: the row outputs its bias, like W x + b
+    peft_like = ref.dora_linear(x, W, b, A, B, m, 1.0)  # eps=None: PEFT's arithmetic
+    assert torch.isnan(peft_like[:, 3]).all()
+    assert_close(y, ref.dora_linear(x, W, b, A, B, m, 1.0, eps=ops.NORM_EPS), torch.float64)
