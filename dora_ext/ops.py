@@ -100,6 +100,7 @@ def _dora_linear_setup(ctx, inputs, output):
     x, x_drop, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling = inputs
     _, acc, lora_u = output
     ctx.mark_non_differentiable(acc, lora_u)
+    ctx.set_materialize_grads(False)  # else autograd allocates a zero [T, out] gradient for `acc` in backward
     need = ctx.needs_input_grad
     if need[2]:
         raise ValueError("dora_ext::dora_linear: the gradient of the base weight is not supported (it is frozen)")
@@ -122,6 +123,8 @@ def _dora_linear_setup(ctx, inputs, output):
 
 
 def _dora_linear_backward(ctx, grad_out, _grad_acc, _grad_u):
+    if grad_out is None:  # only reachable if the output was unused (grads are not materialised)
+        return None, None, None, None, None, None, None, None, None
     x_src, weight, lora_A, lora_B, magnitude, weight_norm, acc, lora_u = ctx.saved_tensors
     gx, gxd, gA, gB, gm, gb = _ops.dora_linear_backward(
         grad_out, x_src, weight, lora_A, lora_B, magnitude, weight_norm, acc, lora_u, ctx.scaling, ctx.dropout,

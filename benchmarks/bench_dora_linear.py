@@ -1,0 +1,188 @@
+"""One DoRA linear layer, side by side: PEFT LoRA, PEFT DoRA, dora_ext DoRA and the plain-PyTorch reference.
+
+Modes: `fwd` (eval, no grad) and `fwd_bwd` (train, x requires grad, backward of a fixed upstream gradient).
+Reports median / p20 / p80 ms, the ratio to PEFT LoRA measured in the same run, and peak memory above the
+inputs; plus the weight-norm kernel's bandwidth against a plain copy of W. Results go to
+benchmarks/results/<device>.csv and .md with device, torch / peft versions and git sha.
+
+    python benchmarks/bench_dora_linear.py                    # defaults for the device present
+    python benchmarks/bench_dora_linear.py --tokens 512 4096 --ranks 16 64 --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import dora_ext  # noqa: E402
+from bench_utils import markdown_table, median_ms, metadata, device_slug, sync, write_results  # noqa: E402
+from dora_ext import ops  # noqa: E402
+from dora_ext import reference as ref  # noqa: E402
+from dora_ext.memory import peak_memory  # noqa: E402
+from shapes import LLAMA7B, RANKS, TOKENS  # noqa: E402
+
+PROVIDERS = ["peft_lora", "peft_dora", "dora_ext", "reference"]
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+class ReferenceDoRA(nn.Module):
+    """dora_ext.reference on a DoRALinear's parameters: what a straightforward PyTorch DoRA costs."""
+
+    def __init__(self, layer: dora_ext.DoRALinear):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        la = self.layer
+        return ref.dora_linear(x, la.weight, la.bias, la.lora_A, la.lora_B, la.magnitude, la.scaling)
+
+
+def build(provider: str, base: nn.Linear, r: int) -> nn.Module:
+    lin = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device=base.weight.device,
+                    dtype=base.weight.dtype)
+    lin.weight, lin.bias = base.weight, base.bias  # every provider shares one frozen base weight
+    if provider.startswith("peft"):
+        import peft
+
+        holder = nn.Module()
+        holder.lin = lin
+        cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["lin"], use_dora=provider == "peft_dora")
+        return peft.get_peft_model(holder, cfg).base_model.model.lin
+    layer = dora_ext.DoRALinear.from_linear(lin, r=r, alpha=2 * r)
+    return layer if provider == "dora_ext" else ReferenceDoRA(layer)
+
+
+def step_fn(module: nn.Module, mode: str, x: torch.Tensor, grad: torch.Tensor):
+    params = [p for p in module.parameters() if p.requires_grad]
+    if mode == "fwd":
+        module.eval()
+
+        def step():
+            with torch.no_grad():
+                return module(x)
+    else:
+        module.train()
+        x.requires_grad_(True)
+
+        def step():
+            x.grad = None
+            for p in params:
+                p.grad = None
+            module(x).backward(grad)
+    return step
+
+
+def norm_bandwidth(base: nn.Linear, r: int, device, warmup: int, reps: int) -> dict:
+    W = base.weight
+    layer_dtype = torch.float32
+    A = torch.randn(r, W.shape[1], device=device, dtype=layer_dtype) / W.shape[1] ** 0.5
+    B = torch.randn(W.shape[0], r, device=device, dtype=layer_dtype)
+    bytes_w = W.numel() * W.element_size()
+    t_norm, _, _ = median_ms(lambda: ops.weight_norm(W, A, B, 2.0), device, warmup, reps)
+    t_copy, _, _ = median_ms(lambda: W.clone(), device, warmup, reps)
+    norm_gbps, copy_gbps = bytes_w / t_norm / 1e6, 2 * bytes_w / t_copy / 1e6
+    return {"norm_ms": round(t_norm, 4), "norm_GBps": round(norm_gbps, 1), "copy_GBps": round(copy_gbps, 1),
+            "pct_of_copy": round(100 * norm_gbps / copy_gbps, 1)}
+
+
+def run(args) -> tuple[list[dict], list[dict]]:
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    shapes = [s for s in LLAMA7B if not args.shapes or any(k in s[0] for k in args.shapes)]
+    if args.tiny:
+        shapes = [("tiny 64->48", 64, 48)]
+    rows, norm_rows = [], []
+    for name, in_f, out_f in shapes:
+        torch.manual_seed(0)
+        base = nn.Linear(in_f, out_f, bias=False, device=device, dtype=dtype).requires_grad_(False)
+        for r in args.ranks:
+            norm_rows.append({"shape": name, "r": r, "dtype": args.dtype,
+                              **norm_bandwidth(base, r, device, args.warmup, args.reps)})
+            modules = {p: build(p, base, r) for p in args.providers}
+            for T in args.tokens:
+                x = torch.randn(T, in_f, device=device, dtype=dtype)
+                grad = torch.randn(T, out_f, device=device, dtype=dtype)
+                for mode in args.modes:
+                    measured = {}
+                    for provider, module in modules.items():
+                        step = step_fn(module, mode, x.detach().clone(), grad)
+                        p50, p20, p80 = median_ms(step, device, args.warmup, args.reps)
+                        _, peak = peak_memory(step, device)
+                        sync(device)
+                        measured[provider] = (p50, p20, p80, peak)
+                        print(f"  {name} T={T} r={r} {mode:7s} {provider:10s} {p50:9.3f} ms  peak {peak / 2**20:8.1f} MiB",
+                              flush=True)
+                    lora = measured.get("peft_lora", (None,))[0]
+                    for provider, (p50, p20, p80, peak) in measured.items():
+                        rows.append({"shape": name, "tokens": T, "r": r, "dtype": args.dtype, "mode": mode,
+                                     "provider": provider, "p50_ms": round(p50, 3), "p20_ms": round(p20, 3),
+                                     "p80_ms": round(p80, 3),
+                                     "vs_peft_lora": round(p50 / lora, 3) if lora else "",
+                                     "peak_MiB": round(peak / 2**20, 1)})
+            del modules
+    return rows, norm_rows
+
+
+def summarize(rows: list[dict], device: torch.device) -> list[str]:
+    """The issue's targets, evaluated on this run's numbers."""
+    lines = []
+    by_key = {(r["shape"], r["tokens"], r["r"], r["mode"], r["provider"]): r for r in rows}
+    for (shape, T, rank, mode, provider), row in by_key.items():
+        if provider != "dora_ext" or mode != "fwd_bwd":
+            continue
+        lora = by_key.get((shape, T, rank, mode, "peft_lora"))
+        pdora = by_key.get((shape, T, rank, mode, "peft_dora"))
+        if not lora:
+            continue
+        text = f"{shape} T={T} r={rank}: dora_ext / PEFT LoRA = {row['p50_ms'] / lora['p50_ms']:.3f}"
+        if pdora:
+            text += f", PEFT DoRA / dora_ext = {pdora['p50_ms'] / row['p50_ms']:.2f}x"
+        text += f", peak {row['peak_MiB']} MiB vs LoRA {lora['peak_MiB']} MiB"
+        lines.append(text)
+    return lines
+
+
+def main(argv=None):
+    cuda = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if cuda else "cpu")
+    parser.add_argument("--dtype", default="bfloat16" if cuda else "float32")
+    parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS if cuda else [512])
+    parser.add_argument("--ranks", type=int, nargs="+", default=RANKS)
+    parser.add_argument("--shapes", nargs="*", help="substrings of shape names to keep (default: all)")
+    parser.add_argument("--providers", nargs="+", default=PROVIDERS, choices=PROVIDERS)
+    parser.add_argument("--modes", nargs="+", default=["fwd", "fwd_bwd"], choices=["fwd", "fwd_bwd"])
+    parser.add_argument("--warmup", type=int, default=5 if cuda else 1)
+    parser.add_argument("--reps", type=int, default=20 if cuda else 3)
+    parser.add_argument("--tiny", action="store_true", help="one tiny shape (smoke test)")
+    parser.add_argument("--out", default=RESULTS_DIR, help="directory for <device>.csv / .md")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    meta = metadata(device)
+    print(f"dora_ext benchmark on {meta['device']}, torch {meta['torch']}, peft {meta['peft']}, sha {meta['git_sha']}")
+    rows, norm_rows = run(args)
+    slug = device_slug(device) + ("-tiny" if args.tiny else "")
+    write_results(os.path.join(args.out, f"{slug}.csv"), rows, meta)
+    write_results(os.path.join(args.out, f"{slug}-weight-norm.csv"), norm_rows, meta)
+    columns = ["shape", "tokens", "r", "dtype", "mode", "provider", "p50_ms", "vs_peft_lora", "peak_MiB"]
+    report = [f"# dora_ext single-layer benchmark: {meta['device']}", "",
+              ", ".join(f"{k}: {v}" for k, v in meta.items()), "",
+              f"Command: `python benchmarks/bench_dora_linear.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+              "", markdown_table(rows, columns), "", "## Weight norm vs copy bandwidth", "",
+              markdown_table(norm_rows, list(norm_rows[0].keys())), "", "## Targets (fwd+bwd)", ""]
+    report += [f"- {line}" for line in summarize(rows, device)]
+    with open(os.path.join(args.out, f"{slug}.md"), "w") as f:
+        f.write("\n".join(report) + "\n")
+    print("\n".join(report))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

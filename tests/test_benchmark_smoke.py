@@ -1,0 +1,23 @@
+"""The benchmark script end to end on a tiny shape: it runs, writes its files, and compares against PEFT."""
+
+import csv
+import os
+import sys
+
+import pytest
+
+pytest.importorskip("peft")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import bench_dora_linear  # noqa: E402
+
+
+def test_tiny_benchmark_writes_results(tmp_path):
+    bench_dora_linear.main(["--device", "cpu", "--dtype", "float32", "--tiny", "--ranks", "4", "--tokens", "8",
+                            "--warmup", "0", "--reps", "2", "--out", str(tmp_path)])
+    files = sorted(os.listdir(tmp_path))
+    assert any(f.endswith("-tiny.csv") for f in files) and any(f.endswith("-tiny.md") for f in files)
+    with open(next(tmp_path / f for f in files if f.endswith("-tiny.csv"))) as f:
+        rows = list(csv.DictReader(f))
+    assert {r["provider"] for r in rows} == {"peft_lora", "peft_dora", "dora_ext", "reference"}
+    assert all(float(r["p50_ms"]) > 0 and r["torch"] and r["git_sha"] for r in rows)
+    assert {float(r["vs_peft_lora"]) for r in rows if r["provider"] == "peft_lora"} == {1.0}
