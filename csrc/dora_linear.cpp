@@ -237,22 +237,21 @@ void unmerge_(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lo
                                            lora_A.to(acc).contiguous(), lora_B.to(acc).contiguous(), scaling);
 }
 
-TORCH_LIBRARY_IMPL(dora_ext, CPU, m) {
+namespace {
+// The host ops are device-agnostic (DORA_KERNEL picks each backend's kernels), so both keys get the same list.
+void register_kernels(torch::Library& m) {
     m.impl("weight_norm", &weight_norm);
     m.impl("dora_linear", &dora_linear);
     m.impl("dora_linear_backward", &dora_linear_backward);
     m.impl("merge_", &merge_);
     m.impl("unmerge_", &unmerge_);
 }
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dora_ext, CPU, m) { register_kernels(m); }
 
 #ifdef DORA_EXT_WITH_CUDA
-TORCH_LIBRARY_IMPL(dora_ext, CUDA, m) {
-    m.impl("weight_norm", &weight_norm);
-    m.impl("dora_linear", &dora_linear);
-    m.impl("dora_linear_backward", &dora_linear_backward);
-    m.impl("merge_", &merge_);
-    m.impl("unmerge_", &unmerge_);
-}
+TORCH_LIBRARY_IMPL(dora_ext, CUDA, m) { register_kernels(m); }
 #endif
 
 }  // namespace dora_ext

@@ -48,3 +48,20 @@ def test_compile_with_dropout_in_training(device):
     x = torch.randn(4, 32, device=device)
     compiled(x).sum().backward()
     assert all(p.grad is not None for p in trainable(model))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_reduce_overhead():
+    """Kernels launched on the default stream instead of the current one give wrong results under CUDA graphs
+    (pytorch/pytorch#157363); replaying a captured graph must match eager."""
+    model = TwoLayer().cuda().eval()
+    with torch.no_grad():
+        for p in trainable(model):
+            p.add_(0.1 * torch.randn_like(p))
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    for step in range(4):
+        x = torch.randn(8, 32, device="cuda")
+        with torch.no_grad():
+            y = compiled(x)
+            assert_close(y, model(x), torch.float32, msg=f"replay {step}")

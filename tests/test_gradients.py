@@ -78,3 +78,32 @@ def test_weight_requiring_grad_is_rejected(device):
     x, W, b, A, B, m = make_dora_inputs(16, 8, 4, device=device, requires_grad=True)
     with pytest.raises(ValueError, match="frozen weight"):
         ops.dora_linear(x, W.requires_grad_(True), b, A, B, m, 1.0)
+
+
+def test_magnitude_and_bias_gradients_are_deterministic(device):
+    """The column reductions use a fixed chunking, never atomics: bitwise equal results for any thread count (CPU)
+    and across runs (CUDA). Inputs go straight to the backward op, so the GEMMs' own reduction order is out of it."""
+    torch.manual_seed(1)
+    T, out_f = 3000, 96  # many chunks of rows
+    x, W, b, A, B, m = make_dora_inputs(32, out_f, 4, device=device, lead=(T,))
+    norm = ops.weight_norm(W, A, B, 1.0)
+    grad = torch.randn(T, out_f, device=device)
+    acc = torch.randn(T, out_f, device=device)
+
+    def run(threads):
+        saved = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            res = torch.ops.dora_ext.dora_linear_backward(grad, None, W, A, B, m, norm, acc, None, 1.0, False,
+                                                          [False, False, False, False, True, True])
+        finally:
+            torch.set_num_threads(saved)
+        return res[4], res[5]
+
+    first = run(1)
+    for threads in (2, 1):
+        again = run(threads)
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    expected_dm = (grad.double() * acc.double()).sum(0) / norm.double()
+    assert_close(first[0], expected_dm, torch.float32)
+    assert_close(first[1], grad.double().sum(0), torch.float32)

@@ -31,12 +31,12 @@ def test_weight_norm(device, dtype, in_f, out_f, r):
 
 
 def test_weight_norm_allocates_no_out_by_in_temporary():
-    _, W, _, A, B, _ = make_dora_inputs(1024, 1024, 16)
+    _, W, _, A, B, _ = make_dora_inputs(2048, 2048, 16)
     w_bytes = W.numel() * W.element_size()
     _, ours = peak_memory(lambda: ops.weight_norm(W, A, B, 2.0))
     _, dense = peak_memory(lambda: ref.weight_norm(W, A, B, 2.0))
     assert dense >= w_bytes  # the probe sees a dense [out, in] temporary...
-    assert ours < w_bytes / 8  # ...and ours only cache-sized blocks
+    assert ours < w_bytes / 8  # ...and ours only fixed-size (1 MiB) row blocks
 
 
 def test_weight_norm_multithreaded_with_trainable_factors(device):
