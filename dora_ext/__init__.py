@@ -6,6 +6,8 @@
 Ops live in torch.ops.dora_ext (see dora_ext.ops); dora_ext.reference holds the plain-PyTorch semantics.
 """
 
+import torch  # noqa: F401  (loads libtorch/libc10, which _C links against, before _C itself)
+
 try:
     from . import _C  # noqa: F401  (loading the library registers torch.ops.dora_ext.*)
 except ImportError as exc:  # a half-loaded package would hide a broken build, so fail here with the fix

@@ -5,6 +5,8 @@ DORA_EXT_CUDA=1 and runs this test with the same variable set).
 """
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -32,3 +34,11 @@ def test_cuda_kernels_all_or_none():
 @pytest.mark.parametrize("op", OPS)
 def test_cuda_kernel_registered(op):
     assert has_kernel(op, "CUDA"), f"dora_ext::{op} has no CUDA kernel: the extension was built CPU-only"
+
+
+def test_import_in_a_fresh_interpreter():
+    """`import dora_ext` as the first import (no torch loaded yet) must work: _C links against libtorch."""
+    code = "import dora_ext; print(sorted(n for n in dir(dora_ext.ops) if not n.startswith('_')))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "dora_linear" in result.stdout
