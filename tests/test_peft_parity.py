@@ -83,18 +83,29 @@ def test_training_with_dropout_matches_peft(device, dtype):
 def test_half_base_with_fp32_adapters_matches_peft(device, dtype):
     """PEFT's default for half bases: fp32 adapters (autocast_adapter_dtype). Both sides round differently (PEFT
     runs the LoRA branch in fp32, we in the base dtype), so both are held against the float64 oracle: ours may be
-    at most 2x PEFT's own error plus one ulp."""
+    at most 2x PEFT's own error plus one ulp, for the output and for every gradient."""
+    from dora_ext import reference as ref
+
     pmodel, plin, ours = peft_dora_pair(96, 64, 16, alpha=32, dtype=dtype, device=device)
     assert ours.lora_A.dtype == plin.lora_A["default"].weight.dtype == torch.float32
-    x = torch.randn(4, 96, dtype=dtype, device=device)
-    with torch.no_grad():
-        y_peft, y = pmodel(x), ours(x)
-        from dora_ext import reference as ref
-
-        y64 = ref.dora_linear(*as64(x, ours.weight, ours.bias, ours.lora_A, ours.lora_B, ours.magnitude),
-                              ours.scaling)
+    x = torch.randn(4, 6, 96, dtype=dtype, device=device, requires_grad=True)
+    w = torch.randn(4, 6, 64, dtype=dtype, device=device)
+    y_peft = pmodel(x)
+    (y_peft * w).sum().backward()
+    peft_grads = grads([x] + peft_params(plin))
+    x.grad = None
+    y = ours(x)
+    (y * w).sum().backward()
     assert y.dtype == y_peft.dtype == dtype
+    x64, W64, b64, A64, B64, m64 = as64(x, ours.weight, ours.bias, ours.lora_A, ours.lora_B, ours.magnitude)
+    for t in (A64, B64, m64):
+        t.requires_grad_(True)
+    y64 = ref.dora_linear(x64, W64, b64, A64, B64, m64, ours.scaling)
+    oracle = torch.autograd.grad(y64, (x64, A64, B64, m64), w.double())
     assert_within_lowp_error(y, y_peft, y64, dtype, msg="forward")
+    for name, a, p, e in zip(["x", "lora_A", "lora_B", "magnitude"], grads([x] + ours_params(ours)), peft_grads,
+                             oracle):
+        assert_within_lowp_error(a, p, e, dtype, msg=f"grad {name}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
