@@ -1,6 +1,8 @@
 """One DoRA linear layer, side by side: PEFT LoRA, PEFT DoRA, dora_ext DoRA and the plain-PyTorch reference.
 
-Modes: `fwd` (eval, no grad) and `fwd_bwd` (train, x requires grad, backward of a fixed upstream gradient).
+Modes: `fwd` (eval, no grad: dora_ext reuses its cached norm, as it does for repeated eval calls; PEFT DoRA is
+timed without and with its opt-in DoraCaching) and `fwd_bwd` (train, x requires grad, backward of a fixed
+upstream gradient).
 Reports median / p20 / p80 ms, the ratio to PEFT LoRA measured in the same run, and peak memory above the
 inputs; plus the weight-norm kernel's bandwidth against a plain copy of W. Results go to
 benchmarks/results/<device>.csv and .md with device, torch / peft versions and git sha.
@@ -27,8 +29,23 @@ from dora_ext import reference as ref  # noqa: E402
 from dora_ext.memory import peak_memory  # noqa: E402
 from shapes import LLAMA7B, RANKS, TOKENS  # noqa: E402
 
-PROVIDERS = ["peft_lora", "peft_dora", "dora_ext", "reference"]
+PROVIDERS = ["peft_lora", "peft_dora", "peft_dora_cached", "dora_ext", "reference"]
+FWD_ONLY = {"peft_dora_cached"}  # PEFT's cache only works in eval
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+class PeftDoraCached(nn.Module):
+    """A PEFT DoRA layer run under peft.helpers.DoraCaching, PEFT's opt-in eval cache (norm + dense B·A)."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        from peft.helpers import DoraCaching
+
+        with DoraCaching():
+            return self.layer(x)
 
 
 class ReferenceDoRA(nn.Module):
@@ -52,8 +69,9 @@ def build(provider: str, base: nn.Linear, r: int) -> nn.Module:
 
         holder = nn.Module()
         holder.lin = lin
-        cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["lin"], use_dora=provider == "peft_dora")
-        return peft.get_peft_model(holder, cfg).base_model.model.lin
+        cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["lin"], use_dora=provider != "peft_lora")
+        layer = peft.get_peft_model(holder, cfg).base_model.model.lin
+        return PeftDoraCached(layer) if provider == "peft_dora_cached" else layer
     layer = dora_ext.DoRALinear.from_linear(lin, r=r, alpha=2 * r)
     return layer if provider == "dora_ext" else ReferenceDoRA(layer)
 
@@ -112,6 +130,8 @@ def run(args) -> tuple[list[dict], list[dict]]:
                 for mode in args.modes:
                     measured = {}
                     for provider, module in modules.items():
+                        if mode != "fwd" and provider in FWD_ONLY:
+                            continue
                         step = step_fn(module, mode, x.detach().clone(), grad)
                         p50, p20, p80 = median_ms(step, device, args.warmup, args.reps)
                         _, peak = peak_memory(step, device)
@@ -135,15 +155,13 @@ def summarize(rows: list[dict], device: torch.device) -> list[str]:
     lines = []
     by_key = {(r["shape"], r["tokens"], r["r"], r["mode"], r["provider"]): r for r in rows}
     for (shape, T, rank, mode, provider), row in by_key.items():
-        if provider != "dora_ext" or mode != "fwd_bwd":
-            continue
         lora = by_key.get((shape, T, rank, mode, "peft_lora"))
-        pdora = by_key.get((shape, T, rank, mode, "peft_dora"))
-        if not lora:
+        if provider != "dora_ext" or not lora:
             continue
-        text = f"{shape} T={T} r={rank}: dora_ext / PEFT LoRA = {row['p50_ms'] / lora['p50_ms']:.3f}"
-        if pdora:
-            text += f", PEFT DoRA / dora_ext = {pdora['p50_ms'] / row['p50_ms']:.2f}x"
+        text = f"{mode:7s} {shape} T={T} r={rank}: dora_ext / PEFT LoRA = {row['p50_ms'] / lora['p50_ms']:.3f}"
+        for other, label in (("peft_dora", "PEFT DoRA"), ("peft_dora_cached", "PEFT DoRA+DoraCaching")):
+            if (shape, T, rank, mode, other) in by_key:
+                text += f", {label} / dora_ext = {by_key[(shape, T, rank, mode, other)]['p50_ms'] / row['p50_ms']:.2f}x"
         text += f", peak {row['peak_MiB']} MiB vs LoRA {lora['peak_MiB']} MiB"
         lines.append(text)
     return lines
@@ -177,7 +195,7 @@ def main(argv=None):
               ", ".join(f"{k}: {v}" for k, v in meta.items()), "",
               f"Command: `python benchmarks/bench_dora_linear.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
               "", markdown_table(rows, columns), "", "## Weight norm vs copy bandwidth", "",
-              markdown_table(norm_rows, list(norm_rows[0].keys())), "", "## Targets (fwd+bwd)", ""]
+              markdown_table(norm_rows, list(norm_rows[0].keys())), "", "## dora_ext against PEFT (fwd: eval, dora_ext's norm cache warm; fwd_bwd: training)", ""]
     report += [f"- {line}" for line in summarize(rows, device)]
     with open(os.path.join(args.out, f"{slug}.md"), "w") as f:
         f.write("\n".join(report) + "\n")
