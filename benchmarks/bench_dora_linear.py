@@ -178,7 +178,7 @@ def main(argv=None):
     parser.add_argument("--providers", nargs="+", default=PROVIDERS, choices=PROVIDERS)
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwd_bwd"], choices=["fwd", "fwd_bwd"])
     parser.add_argument("--warmup", type=int, default=5 if cuda else 1)
-    parser.add_argument("--reps", type=int, default=20 if cuda else 3)
+    parser.add_argument("--reps", type=int, default=20 if cuda else 5)  # 3 left ±5% noise on 2 cores
     parser.add_argument("--tiny", action="store_true", help="one tiny shape (smoke test)")
     parser.add_argument("--out", default=RESULTS_DIR, help="directory for <device>.csv / .md")
     args = parser.parse_args(argv)
