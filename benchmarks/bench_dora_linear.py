@@ -77,6 +77,8 @@ def build(provider: str, base: nn.Linear, r: int) -> nn.Module:
 
 
 def step_fn(module: nn.Module, mode: str, x: torch.Tensor, grad: torch.Tensor):
+    """(reset, step): reset drops the previous step's gradients, so that frees of old gradients never fall
+    inside the step whose peak memory is measured."""
     params = [p for p in module.parameters() if p.requires_grad]
     if mode == "fwd":
         module.eval()
@@ -84,16 +86,20 @@ def step_fn(module: nn.Module, mode: str, x: torch.Tensor, grad: torch.Tensor):
         def step():
             with torch.no_grad():
                 return module(x)
-    else:
-        module.train()
-        x.requires_grad_(True)
 
-        def step():
-            x.grad = None
-            for p in params:
-                p.grad = None
-            module(x).backward(grad)
-    return step
+        return (lambda: None), step
+    module.train()
+    x.requires_grad_(True)
+
+    def reset():
+        x.grad = None
+        for p in params:
+            p.grad = None
+
+    def step():
+        module(x).backward(grad)
+
+    return reset, step
 
 
 def norm_bandwidth(base: nn.Linear, r: int, device, warmup: int, reps: int) -> dict:
@@ -132,8 +138,9 @@ def run(args) -> tuple[list[dict], list[dict]]:
                     for provider, module in modules.items():
                         if mode != "fwd" and provider in FWD_ONLY:
                             continue
-                        step = step_fn(module, mode, x.detach().clone(), grad)
-                        p50, p20, p80 = median_ms(step, device, args.warmup, args.reps)
+                        reset, step = step_fn(module, mode, x.detach().clone(), grad)
+                        p50, p20, p80 = median_ms(lambda: (reset(), step()), device, args.warmup, args.reps)
+                        reset()
                         _, peak = peak_memory(step, device)
                         sync(device)
                         measured[provider] = (p50, p20, p80, peak)
@@ -150,7 +157,7 @@ def run(args) -> tuple[list[dict], list[dict]]:
     return rows, norm_rows
 
 
-def summarize(rows: list[dict], device: torch.device) -> list[str]:
+def summarize(rows: list[dict]) -> list[str]:
     """The issue's targets, evaluated on this run's numbers."""
     lines = []
     by_key = {(r["shape"], r["tokens"], r["r"], r["mode"], r["provider"]): r for r in rows}
@@ -196,7 +203,7 @@ def main(argv=None):
               f"Command: `python benchmarks/bench_dora_linear.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
               "", markdown_table(rows, columns), "", "## Weight norm vs copy bandwidth", "",
               markdown_table(norm_rows, list(norm_rows[0].keys())), "", "## dora_ext against PEFT (fwd: eval, dora_ext's norm cache warm; fwd_bwd: training)", ""]
-    report += [f"- {line}" for line in summarize(rows, device)]
+    report += [f"- {line}" for line in summarize(rows)]
     with open(os.path.join(args.out, f"{slug}.md"), "w") as f:
         f.write("\n".join(report) + "\n")
     print("\n".join(report))

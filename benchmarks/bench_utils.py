@@ -91,7 +91,7 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, reps:
 
 
 def write_results(path: str, rows: list[dict], meta: dict) -> None:
-    """A CSV (one row per measurement, metadata repeated) next to a Markdown table of the same numbers."""
+    """A CSV: one row per measurement, with the run's metadata repeated on every row."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fields = list(rows[0].keys()) + list(meta.keys())
     with open(path, "w", newline="") as f:
