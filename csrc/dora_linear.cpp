@@ -28,16 +28,18 @@ at::ScalarType accum_dtype(std::initializer_list<at::ScalarType> dtypes) {
     return at::kFloat;
 }
 
-// g = m / max(n, eps) and, when asked, g - 1 computed as (m - n) / n so its digits survive when m ≈ n
-// (PEFT's `m/n - 1` in low precision cancels; peft_and_family.md §7 item 2).
-std::pair<at::Tensor, at::Tensor> gains(const at::Tensor& magnitude, const at::Tensor& weight_norm,
-                                        at::ScalarType acc, bool want_gm1) {
+// The clamped norm n = max(weight_norm, eps), g = m / n and, when asked, g - 1 computed as (m - n) / n so its
+// digits survive when m ≈ n (PEFT's `m/n - 1` in low precision cancels; peft_and_family.md §7 item 2).
+struct Gains {
+    at::Tensor n, g, gm1;  // gm1 undefined unless requested
+};
+
+Gains gains(const at::Tensor& magnitude, const at::Tensor& weight_norm, at::ScalarType acc, bool want_gm1) {
     auto n = weight_norm.to(acc).clamp_min(kNormEps);
     auto m = magnitude.to(acc);
-    auto g = (m / n).contiguous();
-    at::Tensor gm1;
-    if (want_gm1) gm1 = ((m - n) / n).contiguous();
-    return {g, gm1};
+    Gains out{n, (m / n).contiguous(), at::Tensor()};
+    if (want_gm1) out.gm1 = ((m - n) / n).contiguous();
+    return out;
 }
 
 void check_activation(const char* op, const char* name, const at::Tensor& t, const at::Tensor& weight,
@@ -106,22 +108,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dora_linear(const at::Tensor& x, 
     const auto out_shape = with_last_dim(x.sizes(), out_f);
 
     if (!x_drop) {
-        auto [g, gm1] = gains(magnitude, weight_norm, acc_t, false);
+        const auto gn = gains(magnitude, weight_norm, acc_t, false);
         auto u = at::mm(x2, A.t());
         auto acc = at::mm(x2, weight.t());
         acc.addmm_(u, B.t(), 1.0, scaling);  // acc = x Wᵀ + s·u Bᵀ, one rounding in the GEMM
         auto out = at::empty_like(acc);
-        if (acc.numel() > 0) DORA_KERNEL(x, epilogue)(out, acc, g, bias_t);
+        if (acc.numel() > 0) DORA_KERNEL(x, epilogue)(out, acc, gn.g, bias_t);
         return {out.view(out_shape), acc, u};
     }
     // PEFT's dropout path: the base GEMM sees the un-dropped x, the DoRA correction the dropped one.
-    auto [g, gm1] = gains(magnitude, weight_norm, acc_t, true);
+    const auto gn = gains(magnitude, weight_norm, acc_t, true);
     const auto xd2 = x_drop->reshape({-1, in_f});
     auto u = at::mm(xd2, A.t());
     auto out = at::mm(x2, weight.t());
     auto acc = at::mm(xd2, weight.t());
     const auto q = at::mm(u, B.t());
-    if (out.numel() > 0) DORA_KERNEL(x, epilogue_dropout)(out, acc, q, g, gm1, bias_t, scaling);
+    if (out.numel() > 0) DORA_KERNEL(x, epilogue_dropout)(out, acc, q, gn.g, gn.gm1, bias_t, scaling);
     return {out.view(out_shape), acc, u};
 }
 
@@ -157,12 +159,12 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor, OptTensor> dor
     const auto dtype = weight.scalar_type();
     const auto A = lora_A.to(dtype);
     const auto B = lora_B.to(dtype);
-    auto [g, gm1] = gains(magnitude, weight_norm, acc_t, dropout && need_xd);
+    const auto gn = gains(magnitude, weight_norm, acc_t, dropout && need_xd);
 
     BackwardReduce red;
     red.grad = grad_out.reshape({T, out_f}).contiguous();
-    red.g = g;
-    red.gm1 = gm1;
+    red.g = gn.g;
+    red.gm1 = gn.gm1;
     // g ⊙ δ feeds every LoRA-side product and, without dropout, the whole dx GEMM.
     const bool need_gs = need_A || need_B || need_xd || (need_x && !dropout);
     if (need_gs) red.grad_scaled = at::empty_like(red.grad);
@@ -193,7 +195,7 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor, OptTensor> dor
     }
     if (need_A) gA = at::mm(zs.t(), x_src->reshape({T, in_f})).to(lora_A.scalar_type());
     if (need_B) gB = at::mm(red.grad_scaled.t(), *lora_u * scaling).to(lora_B.scalar_type());
-    if (need_m) gm = (red.dot / weight_norm.to(acc_t).clamp_min(kNormEps)).to(magnitude.scalar_type());
+    if (need_m) gm = (red.dot / gn.n).to(magnitude.scalar_type());
     if (need_bias) gb = red.colsum.to(dtype);
     return {gx, gxd, gA, gB, gm, gb};
 }
@@ -206,7 +208,7 @@ at::Tensor merge_factor(const char* op, const at::Tensor& weight, const at::Tens
     check_scaling(op, scaling);
     check_dora_vectors(op, weight, magnitude, weight_norm);
     const auto acc = accum_dtype({weight.scalar_type(), lora_A.scalar_type()});
-    auto [g, unused] = gains(magnitude, weight_norm, acc, false);
+    auto g = gains(magnitude, weight_norm, acc, false).g;
     DORA_CHECK(op, at::isfinite(g).all().item<bool>(),
                "expected finite magnitude / weight_norm ratios, got non-finite values (check the magnitude for "
                "inf/NaN)");

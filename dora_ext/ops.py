@@ -70,11 +70,6 @@ def dora_linear(
     g = magnitude / max(weight_norm, NORM_EPS); weight_norm is computed when not given (pass a cached one to skip
     that pass). Gradients flow to x, x_drop, lora_A, lora_B, magnitude and bias; the weight must be frozen.
     """
-    if weight.requires_grad and torch.is_grad_enabled():
-        raise ValueError(
-            "dora_ext.dora_linear: expected a frozen weight (requires_grad=False); DoRA trains lora_A, lora_B and "
-            "magnitude, got a weight that requires grad"
-        )
     if weight_norm is None:
         weight_norm = _ops.weight_norm(weight, lora_A, lora_B, float(scaling))
     out, _, _ = _ops.dora_linear(x, x_drop, weight, bias, lora_A, lora_B, magnitude, weight_norm, float(scaling))
@@ -102,8 +97,11 @@ def _dora_linear_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(acc, lora_u)
     ctx.set_materialize_grads(False)  # else autograd allocates a zero [T, out] gradient for `acc` in backward
     need = ctx.needs_input_grad
-    if need[2]:
-        raise ValueError("dora_ext::dora_linear: the gradient of the base weight is not supported (it is frozen)")
+    if need[2]:  # checked here, not in the wrapper, so direct torch.ops callers get it too
+        raise ValueError(
+            "dora_ext::dora_linear: expected a frozen weight (requires_grad=False); DoRA trains lora_A, lora_B and "
+            "magnitude, got a weight that requires grad"
+        )
     ctx.scaling = scaling
     ctx.dropout = x_drop is not None
     # (x, x_drop, lora_A, lora_B, magnitude, bias), the order of dora_linear_backward's output_mask.

@@ -21,6 +21,20 @@ def ours_params(layer):
     return [layer.lora_A, layer.lora_B, layer.magnitude]
 
 
+def run_both(pmodel, plin, ours, x, w, seed=None):
+    """The same x and upstream gradient w through PEFT and through ours (with the same RNG state when `seed`
+    is given, i.e. the same dropout mask): (y_peft, PEFT grads, y, our grads), grads of (x, A, B, m)."""
+    results = []
+    for model, params in ((pmodel, peft_params(plin)), (ours, ours_params(ours))):
+        x.grad = None
+        if seed is not None:
+            torch.manual_seed(seed)
+        y = model(x)
+        (y * w).sum().backward()
+        results += [y, grads([x] + params)]
+    return results
+
+
 def test_init_matches_peft(device):
     pmodel, plin, ours = peft_dora_pair(40, 24, 8, alpha=16, device=device, perturb=False)
     pA, pB, pm = peft_params(plin)
@@ -43,14 +57,9 @@ def test_forward_and_grads_match_peft(device, dtype, in_f, out_f, r, bias, use_r
     assert ours.scaling == pytest.approx(plin.scaling["default"])
     x = torch.randn(2, 5, in_f, dtype=dtype, device=device, requires_grad=True)
     w = torch.randn(2, 5, out_f, dtype=dtype, device=device)
-    y_peft = pmodel(x)
-    (y_peft * w).sum().backward()
-    expected = grads([x] + peft_params(plin))
-    x.grad = None
-    y = ours(x)
-    (y * w).sum().backward()
+    y_peft, expected, y, ours_grads = run_both(pmodel, plin, ours, x, w)
     assert_close(y, y_peft, dtype)
-    for name, a, e in zip(["x", "lora_A", "lora_B", "magnitude"], grads([x] + ours_params(ours)), expected):
+    for name, a, e in zip(["x", "lora_A", "lora_B", "magnitude"], ours_grads, expected):
         assert_close(a, e, dtype, msg=name)
 
 
@@ -61,16 +70,9 @@ def test_training_with_dropout_matches_peft(device, dtype):
     ours.train()
     x = torch.randn(4, 6, 48, dtype=dtype, device=device, requires_grad=True)
     w = torch.randn(4, 6, 32, dtype=dtype, device=device)
-    torch.manual_seed(123)  # the same dropout mask on both sides
-    y_peft = pmodel(x)
-    (y_peft * w).sum().backward()
-    expected = grads([x] + peft_params(plin))
-    x.grad = None
-    torch.manual_seed(123)
-    y = ours(x)
-    (y * w).sum().backward()
+    y_peft, expected, y, ours_grads = run_both(pmodel, plin, ours, x, w, seed=123)  # the same dropout mask
     assert_close(y, y_peft, dtype)
-    for name, a, e in zip(["x", "lora_A", "lora_B", "magnitude"], grads([x] + ours_params(ours)), expected):
+    for name, a, e in zip(["x", "lora_A", "lora_B", "magnitude"], ours_grads, expected):
         assert_close(a, e, dtype, msg=name)
     # eval switches both to the no-dropout formula
     pmodel.eval()
@@ -90,12 +92,7 @@ def test_half_base_with_fp32_adapters_matches_peft(device, dtype):
     assert ours.lora_A.dtype == plin.lora_A["default"].weight.dtype == torch.float32
     x = torch.randn(4, 6, 96, dtype=dtype, device=device, requires_grad=True)
     w = torch.randn(4, 6, 64, dtype=dtype, device=device)
-    y_peft = pmodel(x)
-    (y_peft * w).sum().backward()
-    peft_grads = grads([x] + peft_params(plin))
-    x.grad = None
-    y = ours(x)
-    (y * w).sum().backward()
+    y_peft, peft_grads, y, ours_grads = run_both(pmodel, plin, ours, x, w)
     assert y.dtype == y_peft.dtype == dtype
     x64, W64, b64, A64, B64, m64 = as64(x, ours.weight, ours.bias, ours.lora_A, ours.lora_B, ours.magnitude)
     for t in (A64, B64, m64):
@@ -103,8 +100,7 @@ def test_half_base_with_fp32_adapters_matches_peft(device, dtype):
     y64 = ref.dora_linear(x64, W64, b64, A64, B64, m64, ours.scaling)
     oracle = torch.autograd.grad(y64, (x64, A64, B64, m64), w.double())
     assert_within_lowp_error(y, y_peft, y64, dtype, msg="forward")
-    for name, a, p, e in zip(["x", "lora_A", "lora_B", "magnitude"], grads([x] + ours_params(ours)), peft_grads,
-                             oracle):
+    for name, a, p, e in zip(["x", "lora_A", "lora_B", "magnitude"], ours_grads, peft_grads, oracle):
         assert_within_lowp_error(a, p, e, dtype, msg=f"grad {name}")
 
 
