@@ -1,7 +1,8 @@
 """dora_ext: fused DoRA (weight-decomposed low-rank adaptation) for PyTorch, CPU and CUDA.
 
-    layer = dora_ext.DoRALinear.from_linear(linear, r=16, alpha=32)
-    y = layer(x); layer.merge(); layer.unmerge(); plain = layer.to_linear()
+    layer = dora_ext.DoRALinear.from_linear(linear, r=16, alpha=32)          # one layer
+    model = dora_ext.inject(model, dora_ext.DoRAConfig(r=16, alpha=32, target_modules=["q_proj", "v_proj"]))
+    dora_ext.save_adapter(model, "out/"); model = dora_ext.merge_and_unload(model)    # PEFT's file format
 
 Ops live in torch.ops.dora_ext (see dora_ext.ops); dora_ext.reference holds the plain-PyTorch semantics.
 """
@@ -17,8 +18,18 @@ except ImportError as exc:  # a half-loaded package would hide a broken build, s
         f"Original error: {exc}"
     ) from exc
 
-from . import ops, reference  # noqa: E402
+from . import functional, layers, ops, reference  # noqa: E402
+from .checkpoint import adapter_state_dict, load_adapter, save_adapter  # noqa: E402
+from .config import DoRAConfig  # noqa: E402
+from .model import (  # noqa: E402
+    add_adapter, delete_adapter, disable_adapters, dora_layers, from_peft, inject, merge_and_unload, set_adapter,
+    unload,
+)
 from .modules import DoRALinear  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["DoRALinear", "ops", "reference", "__version__"]
+__all__ = [
+    "DoRALinear", "DoRAConfig", "inject", "add_adapter", "set_adapter", "delete_adapter", "disable_adapters",
+    "merge_and_unload", "unload", "dora_layers", "from_peft", "save_adapter", "load_adapter", "adapter_state_dict",
+    "functional", "layers", "ops", "reference", "__version__",
+]

@@ -7,6 +7,7 @@ The weight norm ‖W + s·B·A‖_row is a constant for autograd (DoRA, Liu et a
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -21,13 +22,23 @@ _ops = torch.ops.dora_ext
 NORM_EPS = 1e-6
 
 
+def autocast_off(t: Tensor):
+    """Ops are autocast-neutral: the ATen GEMMs inside them would otherwise be re-cast by an enclosing autocast
+    region (dispatch reaches the kernels with autocast still on), mixing dtypes the kernels did not choose.
+    Callers pick the dtypes (dora_ext.functional casts x and W to the autocast dtype, as F.linear would)."""
+    if torch.is_autocast_enabled(t.device.type):
+        return torch.autocast(t.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 # ---------------------------------------------------------------------------------------------------- weight_norm
 def weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
     """Row norms ‖W + s·B·A‖₂ → [out], float32 (float64 if weight or lora_A is float64).
 
     Computed in one streaming pass over W without materialising the [out, in] sum; never differentiated.
     """
-    return _ops.weight_norm(weight, lora_A, lora_B, float(scaling))
+    with autocast_off(weight):
+        return _ops.weight_norm(weight, lora_A, lora_B, float(scaling))
 
 
 def _norm_dtype(weight: Tensor, lora_A: Tensor) -> torch.dtype:
@@ -70,9 +81,10 @@ def dora_linear(
     g = magnitude / max(weight_norm, NORM_EPS); weight_norm is computed when not given (pass a cached one to skip
     that pass). Gradients flow to x, x_drop, lora_A, lora_B, magnitude and bias; the weight must be frozen.
     """
-    if weight_norm is None:
-        weight_norm = _ops.weight_norm(weight, lora_A, lora_B, float(scaling))
-    out, _, _ = _ops.dora_linear(x, x_drop, weight, bias, lora_A, lora_B, magnitude, weight_norm, float(scaling))
+    with autocast_off(x):
+        if weight_norm is None:
+            weight_norm = _ops.weight_norm(weight, lora_A, lora_B, float(scaling))
+        out, _, _ = _ops.dora_linear(x, x_drop, weight, bias, lora_A, lora_B, magnitude, weight_norm, float(scaling))
     return out
 
 
@@ -124,10 +136,11 @@ def _dora_linear_backward(ctx, grad_out, _grad_acc, _grad_u):
     if grad_out is None:  # only reachable if the output was unused (grads are not materialised)
         return None, None, None, None, None, None, None, None, None
     x_src, weight, lora_A, lora_B, magnitude, weight_norm, acc, lora_u = ctx.saved_tensors
-    gx, gxd, gA, gB, gm, gb = _ops.dora_linear_backward(
-        grad_out, x_src, weight, lora_A, lora_B, magnitude, weight_norm, acc, lora_u, ctx.scaling, ctx.dropout,
-        ctx.mask,
-    )
+    with autocast_off(grad_out):  # backward() called inside an autocast region must not re-cast our GEMMs
+        gx, gxd, gA, gB, gm, gb = _ops.dora_linear_backward(
+            grad_out, x_src, weight, lora_A, lora_B, magnitude, weight_norm, acc, lora_u, ctx.scaling, ctx.dropout,
+            ctx.mask,
+        )
     return gx, gxd, None, gb, gA, gB, gm, None, None
 
 
@@ -154,9 +167,11 @@ def merge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, we
 
     Keep weight_norm: unmerge_ needs the same one. No [out, in] temporary is allocated.
     """
-    _ops.merge_(weight, lora_A, lora_B, magnitude, weight_norm, float(scaling))
+    with autocast_off(weight):
+        _ops.merge_(weight, lora_A, lora_B, magnitude, weight_norm, float(scaling))
 
 
 def unmerge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, weight_norm: Tensor, scaling: float):
     """In place inverse of merge_ with the weight_norm cached at merge time: weight ← weight / g − s·B·A."""
-    _ops.unmerge_(weight, lora_A, lora_B, magnitude, weight_norm, float(scaling))
+    with autocast_off(weight):
+        _ops.unmerge_(weight, lora_A, lora_B, magnitude, weight_norm, float(scaling))

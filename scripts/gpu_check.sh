@@ -17,4 +17,6 @@ compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q -p no:c
 tail -3 "$OUT/sanitizer.log"
 python benchmarks/bench_dora_linear.py --out "$OUT" > "$OUT/bench.log" 2>&1 || status=1
 tail -30 "$OUT/bench.log"
+python benchmarks/bench_model.py --out "$OUT" > "$OUT/bench_model.log" 2>&1 || status=1
+tail -15 "$OUT/bench_model.log"
 exit $status

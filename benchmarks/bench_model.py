@@ -1,0 +1,142 @@
+"""Model-level benchmark: a Llama-style stack (random init, built from a config) with adapters on every linear layer
+of the decoder ("all-linear"), trained with PEFT LoRA, PEFT DoRA and dora_ext DoRA, plus unmerged inference.
+
+  train: forward + loss + backward + AdamW step + zero_grad, median of --reps steps after --warmup;
+         peak memory of one step above the level before it (allocator on CUDA, profiler on CPU).
+  eval:  forward under no_grad in eval mode; PEFT DoRA with and without its opt-in DoraCaching, dora_ext with its
+         eval-time norm cache (one [out] fp32 vector per layer) warm.
+
+Writes benchmarks/results/model-<device>.csv and .md, with the device and versions on every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import dora_ext  # noqa: E402
+from bench_utils import device_slug, markdown_table, median_ms, metadata, write_results  # noqa: E402
+from dora_ext.memory import peak_memory  # noqa: E402
+
+PROVIDERS = ("peft_lora", "peft_dora", "dora_ext")
+
+
+def build_base(args, device, dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                      num_key_value_heads=args.heads, max_position_embeddings=args.seq)
+    return LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+
+
+def build(provider: str, base, r: int):
+    import peft
+
+    model = copy.deepcopy(base)
+    if provider == "dora_ext":
+        return dora_ext.inject(model, dora_ext.DoRAConfig(r=r, alpha=2 * r, target_modules="all-linear"))
+    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", use_dora=provider == "peft_dora")
+    return peft.get_peft_model(model, cfg)
+
+
+def train_step(model, batch):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def run(args):
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    base = build_base(args, device, dtype)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen).to(device)
+    batch = {"input_ids": ids, "labels": ids}
+    rows = []
+    for provider in PROVIDERS:
+        model = build(provider, base, args.r)
+        model.train()
+        step = train_step(model, batch)
+        step()  # allocate optimizer state outside the measurement
+        p50, p20, p80 = median_ms(step, device, args.warmup, args.reps)
+        _, peak = peak_memory(step, device)
+        rows.append(dict(mode="train", provider=provider, ms=round(p50, 2), ms_p20=round(p20, 2),
+                         ms_p80=round(p80, 2), peak_mib=round(peak / 2**20, 1)))
+        model.eval()
+        variants = [(provider, contextlib.nullcontext)]
+        if provider == "peft_dora":
+            from peft.helpers import DoraCaching
+
+            variants.append(("peft_dora_cached", DoraCaching))
+        for name, ctx in variants:
+            def fwd():
+                with torch.no_grad(), ctx():
+                    model(input_ids=ids)
+
+            p50, p20, p80 = median_ms(fwd, device, args.warmup, args.reps)
+            rows.append(dict(mode="eval", provider=name, ms=round(p50, 2), ms_p20=round(p20, 2),
+                             ms_p80=round(p80, 2), peak_mib=""))
+        del model, step
+    lora = {r["mode"]: r["ms"] for r in rows if r["provider"] == "peft_lora"}
+    for r in rows:
+        r["vs_peft_lora"] = round(r["ms"] / lora[r["mode"]], 3)
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="base dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--hidden", type=int, default=None)
+    p.add_argument("--intermediate", type=int, default=None)
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--heads", type=int, default=None)
+    p.add_argument("--seq", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = p.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    # CUDA: a ~0.9B-parameter-class layer shape at 8k tokens; CPU: small enough for minutes on 2 cores.
+    defaults = dict(dtype="bfloat16", hidden=2048, intermediate=5632, layers=4, heads=16, seq=1024, batch=8,
+                    warmup=3, reps=10) if cuda else dict(dtype="float32", hidden=1024, intermediate=2816, layers=2,
+                                                          heads=8, seq=256, batch=2, warmup=1, reps=5)
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    rows = run(args)
+    device = torch.device(args.device)
+    meta = metadata(device)
+    shape = (f"hidden={args.hidden} intermediate={args.intermediate} layers={args.layers} seq={args.seq} "
+             f"batch={args.batch} r={args.r} dtype={args.dtype}")
+    for r in rows:
+        r["shape"] = shape
+    slug = "model-" + device_slug(device)
+    write_results(os.path.join(args.out, slug + ".csv"), rows, meta)
+    table = markdown_table(rows, ["mode", "provider", "ms", "ms_p20", "ms_p80", "vs_peft_lora", "peak_mib"])
+    text = (f"# Model-level benchmark: {meta['device']}\n\n{shape}\n\n"
+            f"torch {meta['torch']}, peft {meta['peft']}, dora_ext {meta['dora_ext']} (git {meta['git_sha']}), "
+            f"{meta['timestamp']}. Command: `python benchmarks/bench_model.py`\n\n{table}\n")
+    with open(os.path.join(args.out, slug + ".md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""Adapter files in PEFT's format: adapter_config.json + adapter_model.safetensors, keys as PEFT saves them
+(peft_and_family.md §1.3.2): `base_model.model.<module>.lora_A.weight`, `.lora_B.weight`,
+`.lora_magnitude_vector` (Embedding: `.lora_embedding_A`, `.lora_embedding_B`), adapter name stripped.
+
+load_adapter checks everything (config, file integrity, key set, shapes, dtypes, finiteness) before it changes the
+model, so a bad checkpoint raises and leaves the model as it was. save_adapter writes into a temporary directory
+next to the target and renames, so a failed save leaves no half-written adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .config import DoRAConfig
+from .model import CONFIGS_ATTR, delete_adapter, dora_layers, inject, target_plan, unload
+
+__all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "CONFIG_NAME", "WEIGHTS_NAME"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."
+
+
+def _full(t: Tensor) -> Tensor:
+    """The whole tensor of a parameter: FSDP2 shards are DTensors (full_tensor() is a collective: every rank calls)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _is_writer() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, Tensor]:
+    """{PEFT saved key: tensor} of one adapter (whole tensors, also from a sharded model)."""
+    out = {}
+    for name, layer in dora_layers(model).items():
+        if adapter_name in layer.r:
+            for (_, suffix), t in zip(layer.saved_keys, layer.params_of(adapter_name)):
+                out[f"{KEY_PREFIX}{name}.{suffix}"] = _full(t.detach())
+    if not out:
+        raise ValueError(f"dora_ext.save_adapter: the model has no adapter {adapter_name!r}")
+    return out
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
+                 base_model_name_or_path: str | None = None) -> None:
+    """Write `adapter_name` as a PEFT adapter directory that PeftModel.from_pretrained loads. Under
+    torch.distributed every rank must call it (sharded tensors are gathered); rank 0 writes."""
+    config = getattr(model, CONFIGS_ATTR, {}).get(adapter_name)
+    if isinstance(config, Exception):
+        raise ValueError(f"dora_ext.save_adapter: adapter {adapter_name!r} came from a PEFT config dora_ext cannot "
+                         f"save faithfully ({config}); save it with PeftModel.save_pretrained") from config
+    state = adapter_state_dict(model, adapter_name)
+    if config is None:
+        raise ValueError(f"dora_ext.save_adapter: no DoRAConfig recorded for adapter {adapter_name!r} (was it added "
+                         "with dora_ext.inject / load_adapter / from_peft?)")
+    if not _is_writer():
+        return
+    from safetensors.torch import save_file
+
+    tensors = {k: v.to("cpu").contiguous() for k, v in state.items()}
+    meta = config.to_peft_dict(base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path",
+                                                                   None))
+    _write_dir_atomically(Path(path), {
+        WEIGHTS_NAME: lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
+        CONFIG_NAME: lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True)),
+    })
+
+
+def _write_dir_atomically(path: Path, writers: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        for name, write in writers.items():
+            write(tmp / name)
+        if not path.exists():
+            os.rename(tmp, path)  # the whole directory appears at once
+        else:  # weights first: a config never points at weights that are not there yet
+            for name in writers:
+                os.replace(tmp / name, path / name)
+            tmp.rmdir()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ------------------------------------------------------------------------------------------------------ loading
+def _read(path: Path) -> tuple[DoRAConfig, dict[str, Tensor]]:
+    what = "dora_ext.load_adapter"
+    cfg_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+    for f in (cfg_file, weights_file):
+        if not f.is_file():
+            hint = " (only .safetensors adapters are read)" if f is weights_file and (path / "adapter_model.bin"
+                                                                                       ).exists() else ""
+            raise FileNotFoundError(f"{what}: expected {f}, which does not exist{hint}")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{what}: {cfg_file} is not valid JSON ({exc})") from exc
+    config = DoRAConfig.from_peft_dict(raw, str(cfg_file))
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(weights_file))
+    except Exception as exc:  # safetensors raises its own error type for truncated / corrupt headers
+        raise ValueError(f"{what}: {weights_file} is not a readable safetensors file (truncated or corrupt?): "
+                         f"{exc}") from exc
+    return config, tensors
+
+
+def _expected(model: nn.Module, config: DoRAConfig, adapter_name: str) -> tuple[DoRAConfig | None, dict]:
+    """(config to inject with, or None when the adapter exists; {saved key: shape})."""
+    layers = {n: l for n, l in dora_layers(model).items() if adapter_name in l.r}
+    if layers:
+        return None, {f"{KEY_PREFIX}{n}.{suffix}": tuple(t.shape) for n, l in layers.items()
+                      for (_, suffix), t in zip(l.saved_keys, l.params_of(adapter_name))}
+    config, plan = target_plan(model, config)
+    shapes = {}
+    for name, mod in plan.items():
+        from .layers import DoRALayer, layer_class_for
+
+        base = mod.base_layer if isinstance(mod, DoRALayer) else mod
+        for suffix, shape in layer_class_for(base).adapter_shapes(base, config.rank_for(name)).items():
+            shapes[f"{KEY_PREFIX}{name}.{suffix}"] = tuple(shape)
+    return config, shapes
+
+
+def _validate(tensors: dict, shapes: dict, source: Path) -> None:
+    what = f"dora_ext.load_adapter: {source}"
+    missing = sorted(set(shapes) - set(tensors))
+    unexpected = sorted(set(tensors) - set(shapes))
+    if missing or unexpected:
+        raise ValueError(f"{what} does not match the model: {len(missing)} missing key(s) {missing[:3]}, "
+                         f"{len(unexpected)} unexpected key(s) {unexpected[:3]}")
+    for key, shape in shapes.items():
+        t = tensors[key]
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{what}: {key} has shape {tuple(t.shape)}, the model expects {shape}")
+        if not t.is_floating_point():
+            raise ValueError(f"{what}: {key} has dtype {t.dtype}, expected a floating-point tensor")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{what}: {key} holds NaN or inf values")
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
+                 is_trainable: bool = False) -> nn.Module:
+    """Load a PEFT DoRA adapter directory (PeftModel.save_pretrained or save_adapter) into `model` in place.
+
+    A new adapter name is injected with the saved config (active if it is the model's first adapter, as PEFT);
+    an existing one gets its tensors overwritten. is_trainable=False (PEFT's default) freezes the loaded adapter.
+    Every check runs before the model changes; on any error the model is left as it was."""
+    path = Path(path)
+    config, tensors = _read(path)
+    inject_config, shapes = _expected(model, config, adapter_name)
+    _validate(tensors, shapes, path)
+    had_layers = bool(dora_layers(model))
+    if inject_config is not None:
+        inject(model, inject_config, adapter_name)
+    try:
+        params = {}
+        for name, layer in dora_layers(model).items():
+            if adapter_name in layer.r:
+                for (_, suffix), p in zip(layer.saved_keys, layer.params_of(adapter_name)):
+                    params[f"{KEY_PREFIX}{name}.{suffix}"] = p
+        with torch.no_grad():
+            for key, p in params.items():
+                _copy_into(p, tensors[key])
+            for p in params.values():
+                p.requires_grad_(is_trainable and p.requires_grad)
+    except BaseException:
+        if inject_config is not None:  # undo our own injection
+            delete_adapter(model, adapter_name) if had_layers else unload(model)
+        raise
+    for layer in dora_layers(model).values():
+        layer.clear_cache()
+    return model
+
+
+def _copy_into(p: Tensor, value: Tensor) -> None:
+    if hasattr(p, "device_mesh"):  # FSDP2 DTensor shard: distribute the full tensor the same way
+        from torch.distributed.tensor import distribute_tensor
+
+        value = distribute_tensor(value.to(p.dtype), p.device_mesh, p.placements)
+    p.copy_(value)

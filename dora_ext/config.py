@@ -1,0 +1,180 @@
+"""DoRAConfig: PEFT 0.21 LoraConfig(use_dora=True) knobs, PEFT's target matching, and adapter_config.json I/O."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+
+from torch import nn
+
+__all__ = ["DoRAConfig", "ALL_LINEAR"]
+
+#: target_modules shorthand (PEFT's INCLUDE_LINEAR_LAYERS_SHORTHAND): every Linear/Conv1D but the output head.
+ALL_LINEAR = "all-linear"
+
+# adapter_config.json fields this project writes or accepts. Anything else PEFT may write that changes the adapter's
+# math (a different init that rewrites W, layer replication, extra trainable modules…) is refused on load.
+_PEFT_NEUTRAL_DEFAULTS = {
+    "bias": "none",
+    "lora_bias": False,
+    "modules_to_save": None,
+    "layers_to_transform": None,
+    "layers_pattern": None,
+    "layer_replication": None,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "megatron_config": None,
+    "use_qalora": False,
+    "alora_invocation_tokens": None,
+    "velora_config": None,
+    "arrow_config": None,
+}
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"DoRAConfig: {msg}")
+
+
+@dataclass
+class DoRAConfig:
+    """The knobs of PEFT's LoraConfig(use_dora=True) that define a DoRA adapter (same names, defaults, matching).
+
+    target_modules: a list (exact module names or name suffixes after a "."), a str (a regex that must match a
+    whole module name), or "all-linear". exclude_modules: the same rules, checked first. rank_pattern /
+    alpha_pattern: {regex: value}, matched against the end of a module name, first match wins. fan_in_fan_out:
+    the base weight is stored [in, out] (transformers Conv1D sets it automatically, as PEFT does).
+    adapter_dtype: dtype of new adapter parameters; None = float32 for fp16/bf16 bases (PEFT's default
+    autocast_adapter_dtype=True), else the base dtype. It is not saved.
+    """
+
+    r: int = 8
+    alpha: float = 8
+    dropout: float = 0.0
+    use_rslora: bool = False
+    target_modules: str | list[str] | None = None
+    exclude_modules: str | list[str] | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    fan_in_fan_out: bool = False
+    adapter_dtype: object = None
+
+    def __post_init__(self):
+        _check_rank(self.r, "r")
+        _check_alpha(self.alpha, "alpha")
+        _check(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0,
+               f"expected dropout in [0, 1), got {self.dropout!r}")
+        _check(self.target_modules is not None, "expected target_modules (module names, suffixes, a regex or "
+               f"{ALL_LINEAR!r}), got None")
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, (set, tuple)):
+                setattr(self, name, sorted(value))
+            value = getattr(self, name)
+            _check(value is None or isinstance(value, str) or
+                   (isinstance(value, list) and all(isinstance(v, str) for v in value)),
+                   f"expected {name} as a str or a list of str, got {value!r}")
+        for key, rank in self.rank_pattern.items():
+            _check_rank(rank, f"rank_pattern[{key!r}]")
+        for key, alpha in self.alpha_pattern.items():
+            _check_alpha(alpha, f"alpha_pattern[{key!r}]")
+
+    # ------------------------------------------------------------------------------------------- target matching
+    def is_excluded(self, key: str) -> bool:
+        return _matches(self.exclude_modules, key) if self.exclude_modules else False
+
+    def is_target(self, key: str) -> bool:
+        """PEFT's check_target_module_exists (tuners_utils.py) for the fields DoRAConfig has."""
+        return not self.is_excluded(key) and _matches(self.target_modules, key)
+
+    def rank_for(self, key: str) -> int:
+        return self.rank_pattern.get(_pattern_key(self.rank_pattern, key), self.r)
+
+    def alpha_for(self, key: str) -> float:
+        return self.alpha_pattern.get(_pattern_key(self.alpha_pattern, key), self.alpha)
+
+    def scaling_for(self, key: str) -> float:
+        r = self.rank_for(key)
+        return self.alpha_for(key) / (math.sqrt(r) if self.use_rslora else r)
+
+    def resolve_all_linear(self, model: nn.Module, linear_types: tuple) -> "DoRAConfig":
+        """A copy whose "all-linear" became the list of Linear/Conv1D name suffixes, minus the output head (PEFT)."""
+        if not (isinstance(self.target_modules, str) and self.target_modules.lower() == ALL_LINEAR):
+            return self
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        names = {name.split(".")[-1] for name, mod in model.named_modules()
+                 if isinstance(mod, linear_types) and mod is not head and name}
+        return dataclasses.replace(self, target_modules=sorted(names))
+
+    # ----------------------------------------------------------------------------------------- PEFT config files
+    def to_peft_dict(self, base_model_name_or_path: str | None = None) -> dict:
+        """The adapter_config.json PEFT's LoraConfig.from_pretrained reads (peft_type LORA, use_dora true)."""
+        return {
+            "peft_type": "LORA",
+            "task_type": None,
+            "base_model_name_or_path": base_model_name_or_path,
+            "inference_mode": True,
+            "r": self.r,
+            "lora_alpha": self.alpha,
+            "lora_dropout": float(self.dropout),
+            "use_rslora": self.use_rslora,
+            "use_dora": True,
+            "target_modules": self.target_modules,
+            "exclude_modules": self.exclude_modules,
+            "rank_pattern": dict(self.rank_pattern),
+            "alpha_pattern": dict(self.alpha_pattern),
+            "fan_in_fan_out": self.fan_in_fan_out,
+            "init_lora_weights": True,
+            **_PEFT_NEUTRAL_DEFAULTS,
+        }
+
+    @classmethod
+    def from_peft_dict(cls, d: dict, source: str = "adapter config") -> "DoRAConfig":
+        """Parse a PEFT adapter_config.json dict; anything that is not a plain DoRA adapter is refused by name."""
+        if not isinstance(d, dict):
+            raise ValueError(f"DoRAConfig: expected a JSON object in {source}, got {type(d).__name__}")
+        if d.get("peft_type") != "LORA":
+            raise ValueError(f"DoRAConfig: {source} has peft_type={d.get('peft_type')!r}, expected 'LORA' with "
+                             "use_dora=true")
+        if d.get("use_dora") is not True:
+            raise ValueError(f"DoRAConfig: {source} is a plain LoRA adapter (use_dora={d.get('use_dora')!r}); "
+                             "dora_ext loads DoRA adapters only")
+        for key, neutral in _PEFT_NEUTRAL_DEFAULTS.items():
+            if d.get(key, neutral) not in (neutral, [], {}):
+                raise ValueError(f"DoRAConfig: {source} sets {key}={d[key]!r}, which dora_ext does not support "
+                                 f"(expected {neutral!r})")
+        if d.get("target_modules") is None:
+            raise ValueError(f"DoRAConfig: {source} has no target_modules")
+        target = d["target_modules"]
+        return cls(r=d.get("r", 8), alpha=d.get("lora_alpha", 8), dropout=d.get("lora_dropout", 0.0) or 0.0,
+                   use_rslora=bool(d.get("use_rslora", False)),
+                   target_modules=sorted(target) if isinstance(target, (list, set)) else target,
+                   exclude_modules=d.get("exclude_modules"), rank_pattern=dict(d.get("rank_pattern") or {}),
+                   alpha_pattern=dict(d.get("alpha_pattern") or {}),
+                   fan_in_fan_out=bool(d.get("fan_in_fan_out", False)))
+
+
+def _check_rank(r, what: str) -> None:
+    _check(not isinstance(r, bool) and isinstance(r, int) and r >= 1, f"expected an integer {what} >= 1, got {r!r}")
+
+
+def _check_alpha(alpha, what: str) -> None:
+    _check(not isinstance(alpha, bool) and isinstance(alpha, (int, float)) and math.isfinite(alpha),
+           f"expected a finite {what}, got {alpha!r}")
+
+
+def _matches(spec, key: str) -> bool:
+    """PEFT's rule: a str is a regex that must match the whole name; a list matches exact names or '.'-suffixes."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, key) is not None
+    return key in spec or any(key.endswith("." + k) for k in spec)
+
+
+def _pattern_key(patterns: dict, key: str) -> str | None:
+    """PEFT's get_pattern_key: the first pattern that matches the end of the name (after a '.')."""
+    for pattern in patterns:
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return pattern
+    return None

@@ -1,0 +1,127 @@
+"""Layer-level DoRA forwards with PEFT 0.21 semantics, built on dora_ext.ops (the layers in layers.py call these).
+
+Linear (nn.Linear, transformers Conv1D): the first active adapter runs the fused op (one GEMM pass, fused epilogue,
+fused backward). Conv1d/2d/3d and Embedding: the convolution / gather stays in ATen (the DoRA epilogue is a cheap
+elementwise pass next to it); what PEFT makes expensive there is the norm, which materialises the dense [out, in·k]
+ΔW and a copy of W every step, and that runs in the fused weight_norm op here.
+
+Several active adapters on one layer compose as PEFT does (peft_and_family.md §1.3.7), every one after the first
+through plain ATen ops: in eval, or without dropout, multiplicatively, y = g₂ ⊙ (y₁ − b + s₂·B₂A₂x) + b; in training
+with dropout p > 0, additively, y = y₁ + (g₂−1) ⊙ W·x_d + g₂ ⊙ s₂·B₂A₂x_d. Embeddings compose multiplicatively always.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops
+
+__all__ = ["Adapter", "linear", "conv", "embedding", "autocast_dtype"]
+
+
+class Adapter(NamedTuple):
+    """One adapter's tensors as a layer holds them. norm: the cached ‖W + s·B·A‖_row, or None to compute it."""
+    lora_A: Tensor
+    lora_B: Tensor
+    magnitude: Tensor
+    scaling: float
+    dropout: float
+    norm: Tensor | None = None
+
+
+def _gain(a: Adapter, norm: Tensor) -> Tensor:
+    # Same clamp as the fused kernels (ops.NORM_EPS): an all-zero row gets a finite gain, not PEFT's NaN.
+    return a.magnitude.reshape(-1) / norm.clamp_min(ops.NORM_EPS).to(a.magnitude.dtype)
+
+
+def autocast_dtype(t: Tensor) -> torch.dtype | None:
+    """The dtype an enclosing autocast region would run a linear/conv in, or None outside autocast."""
+    kind = t.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+
+
+def _dropped(x: Tensor, a: Adapter, training: bool) -> Tensor | None:
+    return F.dropout(x, a.dropout, training=True) if training and a.dropout > 0 else None
+
+
+def _compose(result: Tensor, base_part: Tensor, lora: Tensor, g: Tensor) -> Tensor:
+    """PEFT's variant update: result + (g−1)·base_part + g·lora (g broadcast over the feature dim already)."""
+    return result + ((g - 1) * base_part + g * lora)
+
+
+# ------------------------------------------------------------------------------------------------------- linear
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None, adapters: Sequence[Adapter], training: bool) -> Tensor:
+    """DoRA over a frozen linear map. weight: [out, in] (a transposed view for fan_in_fan_out layers)."""
+    dt = autocast_dtype(x)
+    if dt is not None:  # what F.linear does under autocast; the ops themselves are autocast-neutral
+        x, weight = x.to(dt), weight.to(dt)
+        bias = None if bias is None else bias.to(dt)
+    first, *rest = adapters
+    result = ops.dora_linear(x, weight, bias, first.lora_A, first.lora_B, first.magnitude, first.scaling,
+                             x_drop=_dropped(x, first, training), weight_norm=first.norm)
+    for a in rest:
+        out_dtype = result.dtype
+        xa = x.to(a.lora_A.dtype)
+        x_drop = _dropped(xa, a, training)
+        norm = a.norm if a.norm is not None else ops.weight_norm(weight, a.lora_A, a.lora_B, a.scaling)
+        g = _gain(a, norm)
+        if x_drop is None:  # multiplicative: reuse the running result, minus the bias
+            base_part = result if bias is None else result - bias
+            lora = (xa @ a.lora_A.T) @ a.lora_B.T * a.scaling
+        else:  # additive: PEFT recomputes W·x_d
+            base_part = F.linear(x_drop, weight.to(xa.dtype))
+            lora = (x_drop @ a.lora_A.T) @ a.lora_B.T * a.scaling
+        result = _compose(result, base_part, lora, g).to(out_dtype)
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------- conv
+class ConvSpec(NamedTuple):
+    """What the forward needs of the base conv: F.conv{1,2,3}d and its hyper-parameters."""
+    conv_fn: Callable
+    stride: tuple
+    padding: object
+    dilation: tuple
+    groups: int
+
+
+def conv(x: Tensor, base_out: Tensor, weight: Tensor, bias: Tensor | None, spec: ConvSpec,
+         adapters: Sequence[Adapter], training: bool) -> Tensor:
+    """DoRA over a frozen conv (PEFT _DoraConvNdLayer). base_out: the base layer's output (bias included).
+    lora_A: [r, C_in, k…] applied with the base kernel, stride and padding (not dilation, as PEFT); lora_B:
+    [C_out, r/groups, 1…] with the base groups. Each adapter's norm is per output channel."""
+    result, out_dtype = base_out, base_out.dtype
+    bias_view = None if bias is None else bias.reshape((1, -1) + (1,) * (result.dim() - 2))
+    for a in adapters:
+        xa = x.to(a.lora_A.dtype)
+        x_drop = _dropped(xa, a, training)
+        src = xa if x_drop is None else x_drop
+        u = spec.conv_fn(src, a.lora_A, None, spec.stride, spec.padding)
+        lora = spec.conv_fn(u, a.lora_B, None, 1, 0, 1, spec.groups) * a.scaling
+        g = _gain(a, a.norm).reshape((1, -1) + (1,) * (result.dim() - 2))
+        if x_drop is None:  # multiplicative: reuse the running result, minus the bias
+            base_part = result if bias_view is None else result - bias_view
+        else:  # additive: PEFT recomputes conv(x_d, W) without bias
+            base_part = spec.conv_fn(x_drop, weight.to(x_drop.dtype), None, spec.stride, spec.padding,
+                                     spec.dilation, spec.groups)
+        result = _compose(result, base_part, lora, g).to(out_dtype)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------- embedding
+def embedding(ids: Tensor, base_out: Tensor, embed: Callable[[Tensor, Tensor], Tensor], embed_scale: Tensor | None,
+              adapters: Sequence[Adapter]) -> Tensor:
+    """DoRA over a frozen embedding (PEFT DoraEmbeddingLayer): lora_A [r, vocab], lora_B [dim, r]; the norm runs over
+    the vocabulary, one gain per embedding dim; no dropout. y = g ⊙ base_out + g ⊙ s·(A_ᵀ[ids] Bᵀ)·embed_scale."""
+    result, out_dtype = base_out, base_out.dtype
+    for a in adapters:
+        g = _gain(a, a.norm)
+        lora = g * (embed(ids, a.lora_A.T) @ a.lora_B.T) * a.scaling
+        if embed_scale is not None:  # after the norm, as PEFT (huggingface/peft#2839)
+            lora = lora * embed_scale.to(lora.dtype)
+        result = (g * result + lora).to(out_dtype)
+    return result

@@ -1,0 +1,490 @@
+"""Multi-adapter DoRA layers with PEFT 0.21's module layout, so state_dict keys, saved keys and from_peft sharing
+line up one to one with peft.tuners.lora.{Linear, Conv2d, Embedding} (peft_and_family.md §1.3.2):
+
+    <layer>.base_layer.*                              the frozen wrapped layer
+    <layer>.lora_A.<adapter>.weight                   [r, in]  (conv: [r, C_in, k…])
+    <layer>.lora_B.<adapter>.weight                   [out, r] (conv: [C_out, r/groups, 1…])
+    <layer>.lora_embedding_A.<adapter> / _B.<adapter> [r, vocab] / [dim, r]   (Embedding instead of lora_A/B)
+    <layer>.lora_magnitude_vector.<adapter>.weight    [out] (conv: [1, C_out, 1…])
+
+The math lives in dora_ext.functional and dora_ext.ops; a layer holds state (adapters, active set, merges, the
+eval-time norm cache) and picks tensors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import functional, ops
+
+__all__ = ["DoRALayer", "Linear", "Conv", "Embedding", "Magnitude", "conv1d_type", "layer_class_for"]
+
+
+def conv1d_type():
+    """transformers' Conv1D (GPT-2 style [in, out] weight), or None when transformers is not installed."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is optional
+        return None
+    return Conv1D
+
+
+class Magnitude(nn.Module):
+    """PEFT's lora_magnitude_vector[<adapter>] entry: a module holding one Parameter called `weight` (a module, not a
+    ParameterDict entry, so FSDP auto-wrap can handle it; huggingface/peft#1806)."""
+
+    def __init__(self, weight: nn.Parameter):
+        super().__init__()
+        self.weight = weight
+
+
+class DoRALayer(nn.Module):
+    """Shared state and bookkeeping of the DoRA layers; subclasses say how their tensors map to [out, in]."""
+
+    #: (container attribute, saved-key suffix with the adapter name removed) of this layer type's tensors
+    saved_keys: tuple[tuple[str, str], ...] = (("lora_A", "lora_A.weight"), ("lora_B", "lora_B.weight"),
+                                               ("lora_magnitude_vector", "lora_magnitude_vector"))
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        weight = base_layer.weight
+        if not weight.is_floating_point():
+            raise TypeError(f"dora_ext.{type(self).__name__}: expected a floating-point base weight, got "
+                            f"{weight.dtype}")
+        base_layer.requires_grad_(False)
+        self.base_layer = base_layer
+        self.lora_magnitude_vector = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()  # nn.Dropout(p) for p > 0, nn.Identity otherwise (as PEFT)
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disable_adapters = False
+        self._merge_records: dict[str, tuple] = {}  # adapter -> (norm, zero-gain rows, their saved values)
+        self._norm_cache: dict[str, tuple] = {}  # adapter -> (key of W/A/B/scaling, norm); eval only
+
+    # ----------------------------------------------------------------------------------- per-type hooks
+    def weight_2d(self, weight: Tensor | None = None) -> Tensor:
+        """The [out, in] view of the base weight (or of `weight`) the norm and merge run on."""
+        raise NotImplementedError
+
+    def factors(self, name: str) -> tuple[Tensor, Tensor]:
+        """(A [r, in], B [out, r]) of adapter `name` as 2-D views."""
+        raise NotImplementedError
+
+    def _create_factors(self, name: str, r: int, factory: dict) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def adapter_shapes(cls, base: nn.Module, r: int, fan_in_fan_out: bool = False) -> dict[str, tuple]:
+        """Shapes by saved-key suffix for a rank-r adapter on `base` (used to validate checkpoints up front)."""
+        raise NotImplementedError
+
+    def _magnitude_shape(self) -> tuple:
+        return (self.weight_2d().shape[0],)
+
+    # ----------------------------------------------------------------------------------------------- state
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.r)
+
+    def params_of(self, name: str) -> list[nn.Parameter]:
+        """The trainable tensors of adapter `name`: A, B, magnitude (in saved_keys order)."""
+        return [self._tensor(container, name) for container, _ in self.saved_keys]
+
+    def _tensor(self, container: str, name: str) -> nn.Parameter:
+        entry = getattr(self, container)[name]
+        return entry if isinstance(entry, nn.Parameter) else entry.weight
+
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                    adapter_dtype: torch.dtype | None = None) -> None:
+        """A fresh adapter with PEFT's init (A, B as PEFT; magnitude = ‖W + s·B·A‖_row, so the output is unchanged).
+        It becomes active only if no adapter is active yet, as in PEFT."""
+        what = f"dora_ext.{type(self).__name__}.add_adapter"
+        if not isinstance(name, str) or not name or name in self.r:
+            raise ValueError(f"{what}: expected a new adapter name, got {name!r} (present: {self.adapter_names})")
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"{what}: expected an integer rank r >= 1, got {r!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise ValueError(f"{what}: expected a finite alpha, got {alpha!r}")
+        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+            raise ValueError(f"{what}: expected dropout in [0, 1), got {dropout!r}")
+        if self.merged:
+            raise RuntimeError(f"{what}: unmerge() first; the base weight holds merged adapters")
+        weight = self.weight
+        if adapter_dtype is None:
+            adapter_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        self._create_factors(name, r, {"device": weight.device, "dtype": adapter_dtype})
+        self.r[name], self.lora_alpha[name], self.use_rslora[name] = r, alpha, use_rslora
+        self.scaling[name] = alpha / (math.sqrt(r) if use_rslora else r)
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        with torch.no_grad():
+            self._reset_factors(name)
+            norm = self.weight_norm(name).to(adapter_dtype).reshape(self._magnitude_shape())
+        self.lora_magnitude_vector[name] = Magnitude(nn.Parameter(norm))
+        self.set_adapter(self.active_adapters or [name])
+
+    def set_adapter(self, names: str | list[str]) -> None:
+        """Make `names` the active adapters; their parameters become trainable, the others frozen (PEFT)."""
+        names = [names] if isinstance(names, str) else list(names)
+        unknown = [n for n in names if n not in self.r]
+        if unknown:
+            raise ValueError(f"dora_ext.{type(self).__name__}.set_adapter: unknown adapter(s) {unknown}, "
+                             f"present: {self.adapter_names}")
+        self.active_adapters = names
+        for name in self.adapter_names:
+            for p in self.params_of(name):
+                p.requires_grad_(name in names)
+
+    def delete_adapter(self, name: str) -> None:
+        if name not in self.r:
+            raise ValueError(f"dora_ext.{type(self).__name__}.delete_adapter: unknown adapter {name!r}, "
+                             f"present: {self.adapter_names}")
+        if name in self.merged_adapters:
+            raise RuntimeError(f"dora_ext.{type(self).__name__}.delete_adapter: adapter {name!r} is merged; "
+                               "unmerge() first")
+        for container, _ in self.saved_keys:
+            del getattr(self, container)[name]
+        del self.lora_dropout[name]
+        for d in (self.r, self.lora_alpha, self.scaling, self.use_rslora):
+            del d[name]
+        self._norm_cache.pop(name, None)
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    # PEFT's BaseTunerLayer protocol (from_peft registers these layers as virtual BaseTunerLayers, so a converted
+    # PeftModel's save_pretrained, set_adapter, disable_adapter and merge_and_unload still find them)
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
+
+    @property
+    def adapter_layer_names(self) -> tuple[str, ...]:
+        return tuple(container for container, _ in self.saved_keys)
+
+    def get_base_layer(self) -> nn.Module:
+        return self.base_layer
+
+    def _get_available_adapters(self) -> set[str]:
+        return set(self.r)
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self.disable_adapters = not enabled
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self.active_adapters[0] if len(self.active_adapters) == 1 else list(self.active_adapters)
+
+    def _active(self) -> list[str]:
+        return [a for a in self.active_adapters if a in self.r]
+
+    def _dropout_p(self, name: str) -> float:
+        return float(getattr(self.lora_dropout[name], "p", 0.0))
+
+    # -------------------------------------------------------------------------------------------- the norm
+    def weight_norm(self, name: str, weight: Tensor | None = None) -> Tensor:
+        """‖W + s·B·A‖ per output row/channel, float32 (float64 for float64 inputs); W is the unmerged base weight
+        (or `weight`). Never materialises the [out, in] sum."""
+        A, B = self.factors(name)
+        return ops.weight_norm(self.weight_2d(weight), A, B, self.scaling[name])
+
+    def _current_norm(self, name: str) -> Tensor:
+        """The norm for a forward; in eval kept (one [out] fp32 vector per adapter) until W, A, B or the scaling
+        change. The key holds version counters, storage pointers, dtypes and devices, so optimizer steps,
+        load_state_dict, merges, in-place edits and .to() all invalidate it (writes through `.data` do not: call
+        clear_cache() after those). Skipped in training, while compiling and for inference-mode tensors."""
+        tensors = (self.weight, *self.factors(name))
+        if self.training or torch.compiler.is_compiling() or any(t.is_inference() for t in tensors):
+            return self.weight_norm(name)
+        key = tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors) + (self.scaling[name],)
+        hit = self._norm_cache.get(name)
+        if hit is None or hit[0] != key:
+            hit = self._norm_cache[name] = (key, self.weight_norm(name))
+        return hit[1]
+
+    def clear_cache(self) -> None:
+        """Drop the eval-time norm cache (needed only after writing parameters through `.data`)."""
+        self._norm_cache.clear()
+
+    def train(self, mode: bool = True):
+        self._norm_cache.clear()  # as PEFT: switching modes starts from a fresh norm
+        return super().train(mode)
+
+    def _adapter(self, name: str) -> functional.Adapter:
+        A, B = self.factors(name)
+        m = self.lora_magnitude_vector[name].weight
+        return functional.Adapter(A, B, m, self.scaling[name], self._dropout_p(name), self._current_norm(name))
+
+    # --------------------------------------------------------------------------------------------- merging
+    def _check_mergeable(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold adapters (default: the active ones) into the base weight in place: W ← g ⊙ (W + s·B·A), each g from
+        the *unmerged* base weight (PEFT 0.21). safe_merge: merge a copy first and refuse non-finite results."""
+        self._check_mergeable()
+        names = [a for a in (self._active() if adapter_names is None else adapter_names)
+                 if a not in self.merged_adapters]
+        unknown = [a for a in names if a not in self.r]
+        if unknown:
+            raise ValueError(f"dora_ext.{type(self).__name__}.merge: unknown adapter(s) {unknown}")
+        if not names:
+            return
+        base = self._unmerged_weight()
+        norms = {a: self.weight_norm(a, base) for a in names}
+        if safe_merge:
+            trial = self.weight.detach().clone()
+            for a in names:
+                A, B = self.factors(a)
+                ops.merge_(self.weight_2d(trial), A, B, self.lora_magnitude_vector[a].weight.reshape(-1), norms[a],
+                           self.scaling[a])
+            if not torch.isfinite(trial).all():
+                raise ValueError(f"dora_ext.{type(self).__name__}.merge: NaN/inf in the merged weight of adapters "
+                                 f"{names}; the layer was left unmerged")
+        for a in names:
+            A, B = self.factors(a)
+            m = self.lora_magnitude_vector[a].weight.reshape(-1)
+            w2d = self.weight_2d()
+            zero = (m == 0).nonzero().flatten()
+            # g = 0 wipes a row for good; keep those few rows so unmerge() restores them exactly.
+            self._merge_records[a] = (norms[a], zero, w2d[zero].clone())
+            ops.merge_(w2d, A, B, m, norms[a], self.scaling[a])
+            self.merged_adapters.append(a)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo merge() (all merged adapters, last first) with the norms kept at merge time."""
+        while self.merged_adapters:
+            a = self.merged_adapters.pop()
+            norm, zero, saved = self._merge_records.pop(a)
+            self._unmerge_into(self.weight_2d(), a, norm, zero)
+            if zero.numel():
+                self.weight_2d()[zero] = saved
+
+    def _unmerge_into(self, w2d: Tensor, a: str, norm: Tensor, zero: Tensor) -> None:
+        A, B = self.factors(a)
+        m = self.lora_magnitude_vector[a].weight.reshape(-1)
+        if zero.numel():
+            m = m.clone()
+            m[zero] = 1.0  # any non-zero gain: those rows are restored from the saved copy
+        ops.unmerge_(w2d, A, B, m, norm, self.scaling[a])
+
+    def _unmerged_weight(self) -> Tensor:
+        """The base weight without merged adapters (a copy when some are merged), for the norms of new merges."""
+        if not self.merged_adapters:
+            return self.weight
+        weight = self.weight.detach().clone()
+        for a in reversed(self.merged_adapters):
+            norm, zero, saved = self._merge_records[a]
+            self._unmerge_into(self.weight_2d(weight), a, norm, zero)
+            if zero.numel():
+                self.weight_2d(weight)[zero] = saved
+        return weight
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.r}, active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+# ------------------------------------------------------------------------------------------------------ Linear
+class Linear(DoRALayer):
+    """DoRA on a frozen nn.Linear, or on a transformers Conv1D (weight stored [in, out]: fan_in_fan_out)."""
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False):
+        conv1d = conv1d_type()
+        is_conv1d = conv1d is not None and isinstance(base_layer, conv1d)
+        if not (isinstance(base_layer, nn.Linear) or is_conv1d):
+            raise TypeError(f"dora_ext.Linear: expected an nn.Linear or transformers Conv1D, got "
+                            f"{type(base_layer).__name__}")
+        super().__init__(base_layer)
+        # PEFT overrides a wrong flag with a warning; the layer type decides.
+        self.fan_in_fan_out = is_conv1d
+        self.out_features, self.in_features = self.weight_2d().shape
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    @classmethod
+    def adapter_shapes(cls, base, r, fan_in_fan_out=False):
+        w = base.weight
+        conv1d = conv1d_type()
+        out, inp = (w.shape[1], w.shape[0]) if conv1d is not None and isinstance(base, conv1d) else w.shape
+        return {"lora_A.weight": (r, inp), "lora_B.weight": (out, r), "lora_magnitude_vector": (out,)}
+
+    def weight_2d(self, weight=None):
+        weight = self.weight if weight is None else weight
+        return weight.T if self.fan_in_fan_out else weight
+
+    def factors(self, name):
+        return self.lora_A[name].weight, self.lora_B[name].weight
+
+    def _create_factors(self, name, r, factory):
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **factory)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, **factory)
+
+    def _reset_factors(self, name):
+        nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B[name].weight)
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if self.disable_adapters and self.merged:
+            self.unmerge()
+        active = self._active()
+        if self.disable_adapters or self.merged or not active:
+            return self.base_layer(x, *args, **kwargs)
+        return functional.linear(x, self.weight_2d(), self.base_layer.bias, [self._adapter(a) for a in active],
+                                 self.training)
+
+
+# -------------------------------------------------------------------------------------------------------- Conv
+_CONV_FN = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
+
+
+class Conv(DoRALayer):
+    """DoRA on a frozen nn.Conv1d/2d/3d: one norm and gain per output channel over (C_in/groups, k…).
+
+    groups > 1 follows PEFT: r must be divisible by groups, the norm uses PEFT's reshape of B.view(-1, r) @
+    A.view(r, -1) to W's shape (computed densely, in float32), and merging raises NotImplementedError.
+    """
+
+    def __init__(self, base_layer: nn.Module):
+        if type(base_layer) not in _CONV_FN:
+            raise TypeError(f"dora_ext.Conv: expected an nn.Conv1d/2d/3d, got {type(base_layer).__name__}")
+        super().__init__(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
+        b = base_layer
+        self.spec = functional.ConvSpec(_CONV_FN[type(b)], b.stride, b.padding, b.dilation, b.groups)
+
+    @classmethod
+    def adapter_shapes(cls, base, r, fan_in_fan_out=False):
+        ones = (1,) * (base.weight.dim() - 2)
+        return {"lora_A.weight": (r, base.in_channels, *base.kernel_size),
+                "lora_B.weight": (base.out_channels, r // base.groups, *ones),
+                "lora_magnitude_vector": (1, base.out_channels, *ones)}
+
+    def _magnitude_shape(self):
+        return (1, self.out_features) + (1,) * (self.weight.dim() - 2)
+
+    def weight_2d(self, weight=None):
+        weight = self.weight if weight is None else weight
+        return weight.view(weight.shape[0], -1)  # a view, so merge_ writes through it
+
+    def factors(self, name):
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        return A.reshape(A.shape[0], -1), B.reshape(B.shape[0], -1)
+
+    def _create_factors(self, name, r, factory):
+        b, conv = self.base_layer, type(self.base_layer)
+        if r % b.groups:
+            raise ValueError(f"dora_ext.Conv.add_adapter: expected a rank divisible by groups={b.groups}, got r={r}")
+        ones = (1,) * (self.weight.dim() - 2)
+        self.lora_A[name] = conv(self.in_features, r, b.kernel_size, b.stride, b.padding, bias=False, **factory)
+        self.lora_B[name] = conv(r, self.out_features, ones, ones, groups=b.groups, bias=False, **factory)
+
+    def _reset_factors(self, name):
+        nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B[name].weight)
+
+    def weight_norm(self, name, weight=None):
+        if self.spec.groups == 1:
+            return super().weight_norm(name, weight)
+        weight = self.weight if weight is None else weight
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        r = A.shape[0]
+        dtype = torch.float64 if torch.float64 in (weight.dtype, A.dtype) else torch.float32
+        with torch.no_grad():  # PEFT's (grouped) ΔW, dense: merging such layers is not supported anyway
+            delta = (B.reshape(-1, r).to(dtype) @ A.reshape(r, -1).to(dtype)).reshape(weight.shape)
+            return torch.linalg.vector_norm(weight.to(dtype) + self.scaling[name] * delta, dim=tuple(
+                range(1, weight.dim())))
+
+    def _check_mergeable(self):
+        if self.spec.groups > 1:
+            raise NotImplementedError("dora_ext.Conv.merge: merging is not supported for convolutions with "
+                                      f"groups > 1 (got groups={self.spec.groups}), as in PEFT")
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if self.disable_adapters and self.merged:
+            self.unmerge()
+        active = self._active()
+        if self.disable_adapters or self.merged or not active:
+            return self.base_layer(x, *args, **kwargs)
+        adapters = [self._adapter(a) for a in active]
+        adapters = [a._replace(lora_A=self.lora_A[n].weight, lora_B=self.lora_B[n].weight)
+                    for a, n in zip(adapters, active)]
+        return functional.conv(x, self.base_layer(x), self.weight, self.base_layer.bias, self.spec, adapters,
+                               self.training)
+
+
+# --------------------------------------------------------------------------------------------------- Embedding
+class Embedding(DoRALayer):
+    """DoRA on a frozen nn.Embedding: the norm runs over the vocabulary, one gain per embedding dim (PEFT)."""
+
+    saved_keys = (("lora_embedding_A", "lora_embedding_A"), ("lora_embedding_B", "lora_embedding_B"),
+                  ("lora_magnitude_vector", "lora_magnitude_vector"))
+
+    def __init__(self, base_layer: nn.Module):
+        if not isinstance(base_layer, nn.Embedding):
+            raise TypeError(f"dora_ext.Embedding: expected an nn.Embedding, got {type(base_layer).__name__}")
+        super().__init__(base_layer)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
+
+    @classmethod
+    def adapter_shapes(cls, base, r, fan_in_fan_out=False):
+        return {"lora_embedding_A": (r, base.num_embeddings), "lora_embedding_B": (base.embedding_dim, r),
+                "lora_magnitude_vector": (base.embedding_dim,)}
+
+    def weight_2d(self, weight=None):
+        return (self.weight if weight is None else weight).T  # [dim, vocab]
+
+    def factors(self, name):
+        return self.lora_embedding_A[name], self.lora_embedding_B[name]
+
+    def _create_factors(self, name, r, factory):
+        self.lora_embedding_A[name] = nn.Parameter(torch.empty(r, self.in_features, **factory))
+        self.lora_embedding_B[name] = nn.Parameter(torch.empty(self.out_features, r, **factory))
+
+    def _reset_factors(self, name):
+        nn.init.zeros_(self.lora_embedding_A[name])  # PEFT: A = 0, B ~ N(0, 1)
+        nn.init.normal_(self.lora_embedding_B[name])
+
+    def _embed(self, ids: Tensor, table: Tensor) -> Tensor:
+        b = self.base_layer
+        return F.embedding(ids, table, b.padding_idx, b.max_norm, b.norm_type, b.scale_grad_by_freq, b.sparse)
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if self.disable_adapters and self.merged:
+            self.unmerge()
+        active = self._active()
+        if self.disable_adapters or self.merged or not active:
+            return self.base_layer(x, *args, **kwargs)
+        embed_scale = getattr(self.base_layer, "embed_scale", None)
+        embed_scale = embed_scale if isinstance(embed_scale, Tensor) or embed_scale is None else torch.tensor(
+            embed_scale)
+        return functional.embedding(x, self.base_layer(x, *args, **kwargs), self._embed, embed_scale,
+                                    [self._adapter(a) for a in active])
+
+
+def layer_class_for(module: nn.Module) -> type[DoRALayer] | None:
+    """The DoRA layer class that wraps `module`, or None for unsupported types."""
+    conv1d = conv1d_type()
+    if isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d)):
+        return Linear
+    if type(module) in _CONV_FN:
+        return Conv
+    if isinstance(module, nn.Embedding):
+        return Embedding
+    return None
