@@ -200,18 +200,10 @@ class DoRALayer(nn.Module):
         return ops.weight_norm(self.weight_2d(weight), A, B, self.scaling[name])
 
     def _current_norm(self, name: str) -> Tensor:
-        """The norm for a forward; in eval kept (one [out] fp32 vector per adapter) until W, A, B or the scaling
-        change. The key holds version counters, storage pointers, dtypes and devices, so optimizer steps,
-        load_state_dict, merges, in-place edits and .to() all invalidate it (writes through `.data` do not: call
-        clear_cache() after those). Skipped in training, while compiling and for inference-mode tensors."""
-        tensors = (self.weight, *self.factors(name))
-        if self.training or torch.compiler.is_compiling() or any(t.is_inference() for t in tensors):
-            return self.weight_norm(name)
-        key = tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors) + (self.scaling[name],)
-        hit = self._norm_cache.get(name)
-        if hit is None or hit[0] != key:
-            hit = self._norm_cache[name] = (key, self.weight_norm(name))
-        return hit[1]
+        """The norm for a forward; in eval kept until W, A, B or the scaling change (functional.eval_norm)."""
+        norm = functional.eval_norm(self._norm_cache, name, (self.weight, *self.factors(name)), self.scaling[name],
+                                    self.training, lambda: self.weight_norm(name))
+        return self.weight_norm(name) if norm is None else norm
 
     def clear_cache(self) -> None:
         """Drop the eval-time norm cache (needed only after writing parameters through `.data`)."""
@@ -293,6 +285,19 @@ class DoRALayer(nn.Module):
                 self.weight_2d(weight)[zero] = saved
         return weight
 
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        """The base layer's output when adapters are disabled (unmerging first, as PEFT), merged or none is active;
+        else the DoRA forward of the active adapters."""
+        if self.disable_adapters and self.merged:
+            self.unmerge()
+        active = self._active()
+        if self.disable_adapters or self.merged or not active:
+            return self.base_layer(x, *args, **kwargs)
+        return self._adapted_forward(x, active, *args, **kwargs)
+
+    def _adapted_forward(self, x: Tensor, active: list[str], *args, **kwargs) -> Tensor:
+        raise NotImplementedError
+
     def extra_repr(self) -> str:
         return f"adapters={self.r}, active={self.active_adapters}, merged={self.merged_adapters}"
 
@@ -336,12 +341,7 @@ class Linear(DoRALayer):
         nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B[name].weight)
 
-    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        if self.disable_adapters and self.merged:
-            self.unmerge()
-        active = self._active()
-        if self.disable_adapters or self.merged or not active:
-            return self.base_layer(x, *args, **kwargs)
+    def _adapted_forward(self, x: Tensor, active: list[str], *args, **kwargs) -> Tensor:
         return functional.linear(x, self.weight_2d(), self.base_layer.bias, [self._adapter(a) for a in active],
                                  self.training)
 
@@ -414,12 +414,7 @@ class Conv(DoRALayer):
             raise NotImplementedError("dora_ext.Conv.merge: merging is not supported for convolutions with "
                                       f"groups > 1 (got groups={self.spec.groups}), as in PEFT")
 
-    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        if self.disable_adapters and self.merged:
-            self.unmerge()
-        active = self._active()
-        if self.disable_adapters or self.merged or not active:
-            return self.base_layer(x, *args, **kwargs)
+    def _adapted_forward(self, x: Tensor, active: list[str], *args, **kwargs) -> Tensor:
         adapters = [self._adapter(a) for a in active]
         adapters = [a._replace(lora_A=self.lora_A[n].weight, lora_B=self.lora_B[n].weight)
                     for a, n in zip(adapters, active)]
@@ -465,12 +460,7 @@ class Embedding(DoRALayer):
         b = self.base_layer
         return F.embedding(ids, table, b.padding_idx, b.max_norm, b.norm_type, b.scale_grad_by_freq, b.sparse)
 
-    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        if self.disable_adapters and self.merged:
-            self.unmerge()
-        active = self._active()
-        if self.disable_adapters or self.merged or not active:
-            return self.base_layer(x, *args, **kwargs)
+    def _adapted_forward(self, x: Tensor, active: list[str], *args, **kwargs) -> Tensor:
         embed_scale = getattr(self.base_layer, "embed_scale", None)
         embed_scale = embed_scale if isinstance(embed_scale, Tensor) or embed_scale is None else torch.tensor(
             embed_scale)

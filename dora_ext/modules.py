@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops
+from . import functional, ops
 
 __all__ = ["DoRALinear"]
 
@@ -64,7 +63,7 @@ class DoRALinear(nn.Module):
         self.merged = False
         self._merged_norm: Tensor | None = None  # norm of the unmerged weight, needed to unmerge
         self._zero_factor_rows: tuple[Tensor, Tensor] | None = None  # rows a merge with g = 0 would destroy
-        self._norm_cache: tuple[tuple, Tensor] | None = None  # eval only: (key of W, A, B, scaling; norm)
+        self._norm_cache: dict[str, tuple] = {}  # eval only: {"norm": (key of W, A, B, scaling; norm)}
         self.reset_parameters()
 
     @classmethod
@@ -97,33 +96,23 @@ class DoRALinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return self.base_layer(x)
-        x_drop = F.dropout(x, self.dropout_p, training=True) if self.training and self.dropout_p > 0 else None
-        return ops.dora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.magnitude, self.scaling,
-                               x_drop=x_drop, weight_norm=self._eval_weight_norm())
+        adapter = functional.Adapter(self.lora_A, self.lora_B, self.magnitude, self.scaling, self.dropout_p,
+                                     self._eval_weight_norm())
+        return functional.linear(x, self.weight, self.bias, [adapter], self.training)
 
     def _eval_weight_norm(self) -> Tensor | None:
-        """In eval mode, the norm of the current W, A, B and scaling, kept (one [out] fp32 vector) until one of
-        them changes; None (compute it) in training, while compiling, or for inference-mode tensors.
-
-        The key holds each tensor's version counter, storage pointer, dtype and device, so optimizer steps,
-        load_state_dict, merge/unmerge, in-place edits and .to() all invalidate it. Writes through `.data` bypass
-        version counters: call clear_cache() after those. Unmerged eval then costs what LoRA costs plus one
-        column-scale epilogue (PEFT's DoraCaching also stores a dense [out, in] B·A; this stores [out]).
-        """
-        tensors = (self.weight, self.lora_A, self.lora_B)
-        if self.training or torch.compiler.is_compiling() or any(t.is_inference() for t in tensors):
-            return None
-        key = tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors) + (self.scaling,)
-        if self._norm_cache is None or self._norm_cache[0] != key:
-            self._norm_cache = (key, self.weight_norm())
-        return self._norm_cache[1]
+        """In eval mode, the norm of the current W, A, B and scaling, kept (one [out] fp32 vector) until one of them
+        changes (functional.eval_norm); None (the op computes it) in training, while compiling, or for
+        inference-mode tensors. Unmerged eval then costs what LoRA costs plus one column-scale epilogue."""
+        return functional.eval_norm(self._norm_cache, "norm", (self.weight, self.lora_A, self.lora_B), self.scaling,
+                                    self.training, self.weight_norm)
 
     def clear_cache(self) -> None:
         """Drop the eval-time norm cache (needed only after writing parameters through `.data`)."""
-        self._norm_cache = None
+        self._norm_cache.clear()
 
     def train(self, mode: bool = True) -> "DoRALinear":
-        self._norm_cache = None  # as PEFT: switching modes starts from a fresh norm
+        self._norm_cache.clear()  # as PEFT: switching modes starts from a fresh norm
         return super().train(mode)
 
     @torch.no_grad()

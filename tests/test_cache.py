@@ -49,11 +49,11 @@ def test_training_never_caches(device):
     layer = trained(device).eval()
     x = torch.randn(3, 24, dtype=torch.float64, device=device)
     layer(x)
-    assert layer._norm_cache is not None
+    assert layer._norm_cache
     layer.train()  # A and B change every step in training: the norm is computed inside the op each call
-    assert layer._norm_cache is None and layer._eval_weight_norm() is None
+    assert not layer._norm_cache and layer._eval_weight_norm() is None
     layer(x)
-    assert layer._norm_cache is None
+    assert not layer._norm_cache
 
 
 @pytest.mark.parametrize("change", ["lora_A", "lora_B", "weight", "scaling", "load_state_dict", "merge_unmerge",

@@ -71,7 +71,7 @@ def test_rslora_rank_and_alpha_patterns_regex_and_exclude_match_peft():
 
 
 def test_merge_and_unload_matches_peft_and_unmerge_restores():
-    pmodel, ours = peft_and_ours(targets=["emb", "lin", "gpt", "conv1", "conv2"])
+    pmodel, ours = peft_and_ours()
     pmodel.eval(), ours.eval()
     inputs = toy_inputs()
     y = run(ours, inputs)
