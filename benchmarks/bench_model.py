@@ -116,7 +116,7 @@ def main(argv=None):
     # CUDA: a ~0.9B-parameter-class layer shape at 8k tokens; CPU: small enough for minutes on 2 cores.
     defaults = dict(dtype="bfloat16", hidden=2048, intermediate=5632, layers=4, heads=16, seq=1024, batch=8,
                     warmup=3, reps=10) if cuda else dict(dtype="float32", hidden=1024, intermediate=2816, layers=2,
-                                                          heads=8, seq=256, batch=2, warmup=1, reps=5)
+                                                          heads=8, seq=256, batch=2, warmup=2, reps=15)
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
