@@ -1,7 +1,8 @@
 """Model-level benchmark: a Llama-style stack (random init, built from a config) with adapters on every linear layer
 of the decoder ("all-linear"), trained with PEFT LoRA, PEFT DoRA and dora_ext DoRA, plus unmerged inference.
 
-  train: forward + loss + backward + AdamW step + zero_grad, median of --reps steps after --warmup;
+  train: forward + loss + backward + AdamW step + zero_grad, median of --reps steps after --warmup, the providers
+         timed round-robin (one step each per round) so drifts of a shared machine hit them alike;
          peak memory of one step above the level before it (allocator on CUDA, profiler on CPU).
   eval:  forward under no_grad in eval mode; PEFT DoRA with and without its opt-in DoraCaching, dora_ext with its
          eval-time norm cache (one [out] fp32 vector per layer) warm.
@@ -21,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dora_ext  # noqa: E402
-from bench_utils import device_slug, markdown_table, median_ms, metadata, write_results  # noqa: E402
+from bench_utils import device_slug, interleaved_ms, markdown_table, metadata, write_results  # noqa: E402
 from dora_ext.memory import peak_memory  # noqa: E402
 
 PROVIDERS = ("peft_lora", "peft_dora", "dora_ext")
@@ -58,6 +59,14 @@ def train_step(model, batch):
     return step
 
 
+def _eval_fn(model, ids, ctx):
+    def fwd():
+        with torch.no_grad(), ctx():
+            model(input_ids=ids)
+
+    return fwd
+
+
 def run(args):
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -65,31 +74,32 @@ def run(args):
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen).to(device)
     batch = {"input_ids": ids, "labels": ids}
+    models = {provider: build(provider, base, args.r) for provider in PROVIDERS}
     rows = []
-    for provider in PROVIDERS:
-        model = build(provider, base, args.r)
+    steps = {}
+    for provider, model in models.items():
         model.train()
-        step = train_step(model, batch)
-        step()  # allocate optimizer state outside the measurement
-        p50, p20, p80 = median_ms(step, device, args.warmup, args.reps)
+        steps[provider] = train_step(model, batch)
+        steps[provider]()  # allocate optimizer state outside the measurement
+    timed = interleaved_ms(steps, device, args.warmup, args.reps)
+    for provider, step in steps.items():
         _, peak = peak_memory(step, device)
+        p50, p20, p80 = timed[provider]
         rows.append(dict(mode="train", provider=provider, ms=round(p50, 2), ms_p20=round(p20, 2),
                          ms_p80=round(p80, 2), peak_mib=round(peak / 2**20, 1)))
+    del steps
+    evals = {}
+    for provider, model in models.items():
         model.eval()
-        variants = [(provider, contextlib.nullcontext)]
+        evals[provider] = _eval_fn(model, ids, contextlib.nullcontext)
         if provider == "peft_dora":
             from peft.helpers import DoraCaching
 
-            variants.append(("peft_dora_cached", DoraCaching))
-        for name, ctx in variants:
-            def fwd():
-                with torch.no_grad(), ctx():
-                    model(input_ids=ids)
-
-            p50, p20, p80 = median_ms(fwd, device, args.warmup, args.reps)
-            rows.append(dict(mode="eval", provider=name, ms=round(p50, 2), ms_p20=round(p20, 2),
-                             ms_p80=round(p80, 2), peak_mib=""))
-        del model, step
+            # its own copy: PEFT's cache lives in the layers and every uncached call clears it
+            evals["peft_dora_cached"] = _eval_fn(copy.deepcopy(model), ids, DoraCaching)
+    for name, (p50, p20, p80) in interleaved_ms(evals, device, args.warmup, args.reps).items():
+        rows.append(dict(mode="eval", provider=name, ms=round(p50, 2), ms_p20=round(p20, 2), ms_p80=round(p80, 2),
+                         peak_mib=""))
     lora = {r["mode"]: r["ms"] for r in rows if r["provider"] == "peft_lora"}
     for r in rows:
         r["vs_peft_lora"] = round(r["ms"] / lora[r["mode"]], 3)

@@ -90,6 +90,25 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, reps:
     return statistics.median(times), q[0], q[3]
 
 
+def interleaved_ms(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int,
+                   reps: int) -> dict[str, tuple[float, float, float]]:
+    """median_ms for several functions measured round-robin (one call of each per round), so slow drifts of a
+    shared machine (clocks, neighbours) hit every function alike instead of whichever ran last."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            times[name].append(median_ms(fn, device, 0, 1)[0])
+    out = {}
+    for name, ts in times.items():
+        ts.sort()
+        q = statistics.quantiles(ts, n=5) if len(ts) >= 2 else [ts[0]] * 4
+        out[name] = (statistics.median(ts), q[0], q[3])
+    return out
+
+
 def write_results(path: str, rows: list[dict], meta: dict) -> None:
     """A CSV: one row per measurement, with the run's metadata repeated on every row."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
