@@ -9,8 +9,10 @@ next to the target and renames, so a failed save leaves no half-written adapter.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -38,30 +40,62 @@ def _is_writer() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, Tensor]:
-    """{PEFT saved key: tensor} of one adapter (whole tensors, also from a sharded model)."""
-    out = {}
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default",
+                       as_dora: bool = False) -> tuple[dict[str, Tensor], dict[str, int], dict[str, float]]:
+    """({saved key: whole tensor}, rank_pattern, alpha_pattern) of one adapter, as save_adapter writes it.
+
+    Dynamic-rank adapters are written as ordinary DoRA/LoRA adapters: the gates are folded into B (B·diag(c)), pruned
+    components are dropped, and each layer's rank and scaling go into rank_pattern / alpha_pattern (alpha = s·r, so
+    that alpha/r is the fixed s = alpha/r₀ of training). as_dora=True writes an EDoRA adapter the same way, as a
+    PEFT DoRA adapter with B·R folded (for serving with PEFT; training EDoRA further needs the EDoRA file)."""
+    out, ranks, alphas = {}, {}, {}
     for name, layer in dora_layers(model).items():
-        if adapter_name in layer.r:
-            for (_, suffix), t in zip(layer.saved_keys, layer.params_of(adapter_name)):
-                out[f"{KEY_PREFIX}{name}.{suffix}"] = _full(t.detach())
+        if adapter_name not in layer.r:
+            continue
+        prefix = f"{KEY_PREFIX}{name}."
+        fold = layer.dynamic.get(adapter_name) or (as_dora and layer.variant.get(adapter_name) == "edora")
+        if not fold:
+            for (_, suffix, _), t in zip(layer.tensor_specs(adapter_name), layer.params_of(adapter_name)):
+                out[prefix + suffix] = _full(t.detach())
+            continue
+        A, B = (_full(t.detach()) for t in layer.factors(adapter_name))
+        keep = torch.arange(A.shape[0], device=A.device)
+        if layer.dynamic[adapter_name]:
+            gate = _full(layer.lora_gate[adapter_name].detach())
+            keep = (gate != 0).nonzero().flatten()
+            if keep.numel() == 0:  # every component pruned: one zero component keeps the layer (and its magnitude)
+                keep = torch.zeros(1, dtype=torch.long, device=A.device)
+        out[prefix + "lora_A.weight"] = A[keep].contiguous()
+        out[prefix + "lora_B.weight"] = B[:, keep].contiguous()
+        if layer.has_magnitude(adapter_name):
+            out[prefix + "lora_magnitude_vector"] = _full(layer.lora_magnitude_vector[adapter_name].weight.detach())
+        ranks[re.escape(name)] = int(keep.numel())
+        alphas[re.escape(name)] = layer.scaling[adapter_name] * int(keep.numel())
     if not out:
         raise ValueError(f"dora_ext.save_adapter: the model has no adapter {adapter_name!r}")
-    return out
+    return out, ranks, alphas
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
-                 base_model_name_or_path: str | None = None) -> None:
-    """Write `adapter_name` as a PEFT adapter directory that PeftModel.from_pretrained loads. Under
-    torch.distributed every rank must call it (sharded tensors are gathered); rank 0 writes."""
+                 base_model_name_or_path: str | None = None, as_dora: bool = False) -> None:
+    """Write `adapter_name` as an adapter directory (adapter_config.json + adapter_model.safetensors).
+
+    DoRA, LoRA and dynamic-rank adapters are PEFT adapters that PeftModel.from_pretrained loads with the same
+    outputs (dynamic rank: folded, see adapter_state_dict). EDoRA keeps its own keys (lora_A/lora_B frozen SVD
+    factors, lora_R, lora_magnitude_vector) under peft_type "DORA_EXT"; as_dora=True exports it as PEFT DoRA.
+    Under torch.distributed every rank must call it (sharded tensors are gathered); rank 0 writes."""
     config = getattr(model, CONFIGS_ATTR, {}).get(adapter_name)
     if isinstance(config, Exception):
         raise ValueError(f"dora_ext.save_adapter: adapter {adapter_name!r} came from a PEFT config dora_ext cannot "
                          f"save faithfully ({config}); save it with PeftModel.save_pretrained") from config
-    state = adapter_state_dict(model, adapter_name)
+    state, ranks, alphas = adapter_state_dict(model, adapter_name, as_dora)
     if config is None:
         raise ValueError(f"dora_ext.save_adapter: no DoRAConfig recorded for adapter {adapter_name!r} (was it added "
                          "with dora_ext.inject / load_adapter / from_peft?)")
+    if ranks:  # folded: an ordinary adapter with per-layer ranks and scalings
+        variant = "dora" if config.variant == "edora" else config.variant
+        config = dataclasses.replace(config, variant=variant, dynamic_rank=False, use_rslora=False,
+                                     r=max(ranks.values()), rank_pattern=ranks, alpha_pattern=alphas)
     if not _is_writer():
         return
     from safetensors.torch import save_file
@@ -121,14 +155,16 @@ def _expected(model: nn.Module, config: DoRAConfig, adapter_name: str) -> tuple[
     layers = {n: l for n, l in dora_layers(model).items() if adapter_name in l.r}
     if layers:
         return None, {f"{KEY_PREFIX}{n}.{suffix}": tuple(t.shape) for n, l in layers.items()
-                      for (_, suffix), t in zip(l.saved_keys, l.params_of(adapter_name))}
+                      for (_, suffix, _), t in zip(l.tensor_specs(adapter_name), l.params_of(adapter_name))}
     config, plan = target_plan(model, config)
     shapes = {}
     for name, mod in plan.items():
         from .layers import DoRALayer, layer_class_for
 
         base = mod.base_layer if isinstance(mod, DoRALayer) else mod
-        for suffix, shape in layer_class_for(base).adapter_shapes(base, config.rank_for(name)).items():
+        shapes_of = layer_class_for(base).adapter_shapes(base, config.layer_rank_for(name), config.variant,
+                                                         config.dynamic_rank)
+        for suffix, shape in shapes_of.items():
             shapes[f"{KEY_PREFIX}{name}.{suffix}"] = tuple(shape)
     return config, shapes
 
@@ -168,13 +204,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         params = {}
         for name, layer in dora_layers(model).items():
             if adapter_name in layer.r:
-                for (_, suffix), p in zip(layer.saved_keys, layer.params_of(adapter_name)):
-                    params[f"{KEY_PREFIX}{name}.{suffix}"] = p
+                for (_, suffix, trainable), p in zip(layer.tensor_specs(adapter_name), layer.params_of(adapter_name)):
+                    params[f"{KEY_PREFIX}{name}.{suffix}"] = (p, trainable)
         with torch.no_grad():
-            for key, p in params.items():
+            for key, (p, _) in params.items():
                 _copy_into(p, tensors[key])
-            for p in params.values():
-                p.requires_grad_(is_trainable and p.requires_grad)
+            for p, trainable in params.values():
+                p.requires_grad_(is_trainable and trainable and p.requires_grad)
     except BaseException:
         if inject_config is not None:  # undo our own injection
             delete_adapter(model, adapter_name) if had_layers else unload(model)

@@ -9,7 +9,10 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-__all__ = ["DoRAConfig", "ALL_LINEAR"]
+__all__ = ["DoRAConfig", "ALL_LINEAR", "VARIANTS"]
+
+#: "dora" (Liu et al. 2024, PEFT's use_dora), "lora" (plain LoRA; with dynamic_rank), "edora" (Nasiri & Garraghan)
+VARIANTS = ("dora", "lora", "edora")
 
 #: target_modules shorthand (PEFT's INCLUDE_LINEAR_LAYERS_SHORTHAND): every Linear/Conv1D but the output head.
 ALL_LINEAR = "all-linear"
@@ -48,6 +51,11 @@ class DoRAConfig:
     the base weight is stored [in, out] (transformers Conv1D sets it automatically, as PEFT does).
     adapter_dtype: dtype of new adapter parameters; None = float32 for fp16/bf16 bases (PEFT's default
     autocast_adapter_dtype=True), else the base dtype. It is not saved.
+
+    The family (Linear/Conv1D targets only, except plain "dora"): variant="edora" (frozen SVD factors, trainable
+    r×r R initialised N(0, edora_sigma²), and the magnitude); variant="lora" (no magnitude); dynamic_rank=True
+    (with "dora" or "lora"): each layer starts from r₀ = ⌈1.5·r⌉ gated rank-1 components, pruned by a
+    DynamicRankAllocator to an average rank r; scaling alpha/r₀ stays fixed while components are pruned.
     """
 
     r: int = 8
@@ -60,8 +68,16 @@ class DoRAConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     fan_in_fan_out: bool = False
     adapter_dtype: object = None
+    variant: str = "dora"
+    dynamic_rank: bool = False
+    edora_sigma: float = 1e-5
 
     def __post_init__(self):
+        _check(self.variant in VARIANTS, f"expected variant in {VARIANTS}, got {self.variant!r}")
+        _check(not (self.dynamic_rank and self.variant == "edora"),
+               "dynamic_rank works with variant 'dora' or 'lora', not 'edora' (EDoRA's rank is fixed by its SVD)")
+        _check(isinstance(self.edora_sigma, (int, float)) and math.isfinite(self.edora_sigma) and
+               self.edora_sigma >= 0, f"expected a finite edora_sigma >= 0, got {self.edora_sigma!r}")
         _check_rank(self.r, "r")
         _check_alpha(self.alpha, "alpha")
         _check(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0,
@@ -95,9 +111,10 @@ class DoRAConfig:
     def alpha_for(self, key: str) -> float:
         return self.alpha_pattern.get(_pattern_key(self.alpha_pattern, key), self.alpha)
 
-    def scaling_for(self, key: str) -> float:
+    def layer_rank_for(self, key: str) -> int:
+        """The rank a layer is built with: rank_for, or r₀ = ⌈1.5·r⌉ components under dynamic rank (Mao et al.)."""
         r = self.rank_for(key)
-        return self.alpha_for(key) / (math.sqrt(r) if self.use_rslora else r)
+        return math.ceil(1.5 * r) if self.dynamic_rank else r
 
     def resolve_all_linear(self, model: nn.Module, linear_types: tuple) -> "DoRAConfig":
         """A copy whose "all-linear" became the list of Linear/Conv1D name suffixes, minus the output head (PEFT)."""
@@ -110,9 +127,15 @@ class DoRAConfig:
 
     # ----------------------------------------------------------------------------------------- PEFT config files
     def to_peft_dict(self, base_model_name_or_path: str | None = None) -> dict:
-        """The adapter_config.json PEFT's LoraConfig.from_pretrained reads (peft_type LORA, use_dora true)."""
+        """The adapter_config.json PEFT's LoraConfig.from_pretrained reads: peft_type LORA with use_dora true (DoRA)
+        or false (LoRA). EDoRA has no PEFT equivalent: its peft_type is "DORA_EXT", which PEFT refuses by name
+        instead of silently dropping R (export it with save_adapter(..., as_dora=True) for PEFT)."""
+        extra = {}
+        if self.variant == "edora":
+            extra = {"dora_ext_variant": "edora", "edora_sigma": self.edora_sigma}
         return {
-            "peft_type": "LORA",
+            "peft_type": "DORA_EXT" if self.variant == "edora" else "LORA",
+            **extra,
             "task_type": None,
             "base_model_name_or_path": base_model_name_or_path,
             "inference_mode": True,
@@ -120,7 +143,7 @@ class DoRAConfig:
             "lora_alpha": self.alpha,
             "lora_dropout": float(self.dropout),
             "use_rslora": self.use_rslora,
-            "use_dora": True,
+            "use_dora": self.variant != "lora",
             "target_modules": self.target_modules,
             "exclude_modules": self.exclude_modules,
             "rank_pattern": dict(self.rank_pattern),
@@ -135,12 +158,14 @@ class DoRAConfig:
         """Parse a PEFT adapter_config.json dict; anything that is not a plain DoRA adapter is refused by name."""
         if not isinstance(d, dict):
             raise ValueError(f"DoRAConfig: expected a JSON object in {source}, got {type(d).__name__}")
-        if d.get("peft_type") != "LORA":
-            raise ValueError(f"DoRAConfig: {source} has peft_type={d.get('peft_type')!r}, expected 'LORA' with "
-                             "use_dora=true")
-        if d.get("use_dora") is not True:
-            raise ValueError(f"DoRAConfig: {source} is a plain LoRA adapter (use_dora={d.get('use_dora')!r}); "
-                             "dora_ext loads DoRA adapters only")
+        peft_type = d.get("peft_type")
+        if peft_type == "LORA":
+            variant = "dora" if d.get("use_dora") else "lora"
+        elif peft_type == "DORA_EXT" and d.get("dora_ext_variant") in VARIANTS:
+            variant = d["dora_ext_variant"]
+        else:
+            raise ValueError(f"DoRAConfig: {source} has peft_type={peft_type!r}; dora_ext reads PEFT LoRA/DoRA "
+                             "adapters (peft_type 'LORA') and its own EDoRA adapters (peft_type 'DORA_EXT')")
         for key, neutral in _PEFT_NEUTRAL_DEFAULTS.items():
             if d.get(key, neutral) not in (neutral, [], {}):
                 raise ValueError(f"DoRAConfig: {source} sets {key}={d[key]!r}, which dora_ext does not support "
@@ -153,7 +178,8 @@ class DoRAConfig:
                    target_modules=sorted(target) if isinstance(target, (list, set)) else target,
                    exclude_modules=d.get("exclude_modules"), rank_pattern=dict(d.get("rank_pattern") or {}),
                    alpha_pattern=dict(d.get("alpha_pattern") or {}),
-                   fan_in_fan_out=bool(d.get("fan_in_fan_out", False)))
+                   fan_in_fan_out=bool(d.get("fan_in_fan_out", False)), variant=variant,
+                   edora_sigma=d.get("edora_sigma", 1e-5))
 
 
 def _check_rank(r, what: str) -> None:

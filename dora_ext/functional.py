@@ -24,10 +24,11 @@ __all__ = ["Adapter", "linear", "conv", "embedding", "autocast_dtype"]
 
 
 class Adapter(NamedTuple):
-    """One adapter's tensors as a layer holds them. norm: the cached ‖W + s·B·A‖_row, or None to compute it."""
+    """One adapter's tensors as a layer holds them. magnitude None: plain LoRA. norm: the cached ‖W + s·B·A‖_row,
+    or None to compute it."""
     lora_A: Tensor
     lora_B: Tensor
-    magnitude: Tensor
+    magnitude: Tensor | None
     scaling: float
     dropout: float
     norm: Tensor | None = None
@@ -74,26 +75,33 @@ def _compose(result: Tensor, base_part: Tensor, lora: Tensor, g: Tensor) -> Tens
 
 # ------------------------------------------------------------------------------------------------------- linear
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None, adapters: Sequence[Adapter], training: bool) -> Tensor:
-    """DoRA over a frozen linear map. weight: [out, in] (a transposed view for fan_in_fan_out layers)."""
+    """Adapters over a frozen linear map. weight: [out, in] (a transposed view for fan_in_fan_out layers).
+    A DoRA adapter first in line runs the fused op; plain-LoRA adapters (magnitude None) add s·B·A·x_d as PEFT does."""
     dt = autocast_dtype(x)
     if dt is not None:  # what F.linear does under autocast; the ops themselves are autocast-neutral
         x, weight = x.to(dt), weight.to(dt)
         bias = None if bias is None else bias.to(dt)
-    first, *rest = adapters
-    result = ops.dora_linear(x, weight, bias, first.lora_A, first.lora_B, first.magnitude, first.scaling,
-                             x_drop=_dropped(x, first, training), weight_norm=first.norm)
+    first, rest = adapters[0], adapters[1:]
+    if first.magnitude is not None:
+        result = ops.dora_linear(x, weight, bias, first.lora_A, first.lora_B, first.magnitude, first.scaling,
+                                 x_drop=_dropped(x, first, training), weight_norm=first.norm)
+    else:
+        result, rest = F.linear(x, weight, bias), adapters
     for a in rest:
         out_dtype = result.dtype
         xa = x.to(a.lora_A.dtype)
         x_drop = _dropped(xa, a, training)
+        src = xa if x_drop is None else x_drop
+        lora = (src @ a.lora_A.T) @ a.lora_B.T * a.scaling
+        if a.magnitude is None:  # plain LoRA
+            result = (result + lora).to(out_dtype)
+            continue
         norm = a.norm if a.norm is not None else ops.weight_norm(weight, a.lora_A, a.lora_B, a.scaling)
         g = _gain(a, norm)
         if x_drop is None:  # multiplicative: reuse the running result, minus the bias
             base_part = result if bias is None else result - bias
-            lora = (xa @ a.lora_A.T) @ a.lora_B.T * a.scaling
         else:  # additive: PEFT recomputes W·x_d
             base_part = F.linear(x_drop, weight.to(xa.dtype))
-            lora = (x_drop @ a.lora_A.T) @ a.lora_B.T * a.scaling
         result = _compose(result, base_part, lora, g).to(out_dtype)
     return result
 

@@ -63,6 +63,8 @@ class DoRALayer(nn.Module):
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.use_rslora: dict[str, bool] = {}
+        self.variant: dict[str, str] = {}  # "dora" | "lora" | "edora" (see add_adapter)
+        self.dynamic: dict[str, bool] = {}  # rank-1 components behind gates (dynamic rank, Mao et al. 2024)
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
@@ -81,10 +83,25 @@ class DoRALayer(nn.Module):
     def _create_factors(self, name: str, r: int, factory: dict) -> None:
         raise NotImplementedError
 
+    def _reset_factors(self, name: str, sigma: float) -> None:
+        raise NotImplementedError
+
+    #: variants this layer type implements; dynamic rank only where `supports_dynamic`
+    variants: tuple[str, ...] = ("dora",)
+    supports_dynamic = False
+
     @classmethod
-    def adapter_shapes(cls, base: nn.Module, r: int, fan_in_fan_out: bool = False) -> dict[str, tuple]:
+    def adapter_shapes(cls, base: nn.Module, r: int, variant: str = "dora", dynamic: bool = False) -> dict[str, tuple]:
         """Shapes by saved-key suffix for a rank-r adapter on `base` (used to validate checkpoints up front)."""
         raise NotImplementedError
+
+    def tensor_specs(self, name: str) -> list[tuple[str, str, bool]]:
+        """(container attribute, saved-key suffix, trainable) for each tensor of adapter `name`, in save order."""
+        return [(container, suffix, True) for container, suffix in self.saved_keys]
+
+    def norm_inputs(self, name: str) -> list[Tensor]:
+        """The raw tensors the norm of adapter `name` depends on (besides W): the eval-cache key."""
+        return [self._tensor(c, name) for c, _, _ in self.tensor_specs(name) if c != "lora_magnitude_vector"]
 
     def _magnitude_shape(self) -> tuple:
         return (self.weight_2d().shape[0],)
@@ -103,17 +120,26 @@ class DoRALayer(nn.Module):
         return list(self.r)
 
     def params_of(self, name: str) -> list[nn.Parameter]:
-        """The trainable tensors of adapter `name`: A, B, magnitude (in saved_keys order)."""
-        return [self._tensor(container, name) for container, _ in self.saved_keys]
+        """Every tensor of adapter `name` (frozen ones too, e.g. EDoRA's A and B), in tensor_specs order."""
+        return [self._tensor(container, name) for container, _, _ in self.tensor_specs(name)]
+
+    def has_magnitude(self, name: str) -> bool:
+        return self.variant[name] != "lora"
 
     def _tensor(self, container: str, name: str) -> nn.Parameter:
         entry = getattr(self, container)[name]
         return entry if isinstance(entry, nn.Parameter) else entry.weight
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-                    adapter_dtype: torch.dtype | None = None) -> None:
-        """A fresh adapter with PEFT's init (A, B as PEFT; magnitude = ‖W + s·B·A‖_row, so the output is unchanged).
-        It becomes active only if no adapter is active yet, as in PEFT."""
+                    adapter_dtype: torch.dtype | None = None, variant: str = "dora", dynamic: bool = False,
+                    sigma: float = 1e-5) -> None:
+        """A fresh adapter; it becomes active only if no adapter is active yet, as in PEFT.
+
+        variant "dora": PEFT's init (A kaiming-uniform a=√5, B = 0, magnitude = ‖W + s·B·A‖_row: output unchanged).
+        "lora": the same without magnitude. "edora" (Nasiri & Garraghan 2025): B = U_r, A = Σ_r V_rᵀ from the SVD of
+        W, both frozen; a trainable r×r R ~ N(0, sigma²) between them; ΔW = s·B·R·A. dynamic=True (Mao et al. 2024;
+        dora or lora): r rank-1 components gated by a zero-initialised trainable c (A, B kaiming-uniform a=0),
+        ΔW = s·B·diag(c)·A with s = alpha/r fixed while components are pruned (DynamicRankAllocator)."""
         what = f"dora_ext.{type(self).__name__}.add_adapter"
         if not isinstance(name, str) or not name or name in self.r:
             raise ValueError(f"{what}: expected a new adapter name, got {name!r} (present: {self.adapter_names})")
@@ -123,19 +149,25 @@ class DoRALayer(nn.Module):
             raise ValueError(f"{what}: expected a finite alpha, got {alpha!r}")
         if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
             raise ValueError(f"{what}: expected dropout in [0, 1), got {dropout!r}")
+        if variant not in self.variants or (dynamic and (not self.supports_dynamic or variant == "edora")):
+            raise ValueError(f"{what}: {type(self).__name__} layers support variants {self.variants}"
+                             f"{' (dynamic rank with dora/lora)' if self.supports_dynamic else ''}, got "
+                             f"variant={variant!r}, dynamic={dynamic}")
         if self.merged:
             raise RuntimeError(f"{what}: unmerge() first; the base weight holds merged adapters")
         weight = self.weight
         if adapter_dtype is None:
             adapter_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        self.variant[name], self.dynamic[name] = variant, dynamic
         self._create_factors(name, r, {"device": weight.device, "dtype": adapter_dtype})
         self.r[name], self.lora_alpha[name], self.use_rslora[name] = r, alpha, use_rslora
         self.scaling[name] = alpha / (math.sqrt(r) if use_rslora else r)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         with torch.no_grad():
-            self._reset_factors(name)
-            norm = self.weight_norm(name).to(adapter_dtype).reshape(self._magnitude_shape())
-        self.lora_magnitude_vector[name] = Magnitude(nn.Parameter(norm))
+            self._reset_factors(name, sigma)
+            if self.has_magnitude(name):
+                norm = self.weight_norm(name).to(adapter_dtype).reshape(self._magnitude_shape())
+                self.lora_magnitude_vector[name] = Magnitude(nn.Parameter(norm))
         self.set_adapter(self.active_adapters or [name])
 
     def set_adapter(self, names: str | list[str]) -> None:
@@ -147,8 +179,8 @@ class DoRALayer(nn.Module):
                              f"present: {self.adapter_names}")
         self.active_adapters = names
         for name in self.adapter_names:
-            for p in self.params_of(name):
-                p.requires_grad_(name in names)
+            for (_, _, trainable), p in zip(self.tensor_specs(name), self.params_of(name)):
+                p.requires_grad_(trainable and name in names)
 
     def delete_adapter(self, name: str) -> None:
         if name not in self.r:
@@ -157,10 +189,10 @@ class DoRALayer(nn.Module):
         if name in self.merged_adapters:
             raise RuntimeError(f"dora_ext.{type(self).__name__}.delete_adapter: adapter {name!r} is merged; "
                                "unmerge() first")
-        for container, _ in self.saved_keys:
+        for container, _, _ in self.tensor_specs(name):
             del getattr(self, container)[name]
         del self.lora_dropout[name]
-        for d in (self.r, self.lora_alpha, self.scaling, self.use_rslora):
+        for d in (self.r, self.lora_alpha, self.scaling, self.use_rslora, self.variant, self.dynamic):
             del d[name]
         self._norm_cache.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
@@ -171,7 +203,9 @@ class DoRALayer(nn.Module):
 
     @property
     def adapter_layer_names(self) -> tuple[str, ...]:
-        return tuple(container for container, _ in self.saved_keys)
+        return tuple(container for container, _ in self.saved_keys) + self.extra_containers
+
+    extra_containers: tuple[str, ...] = ()
 
     def get_base_layer(self) -> nn.Module:
         return self.base_layer
@@ -201,8 +235,8 @@ class DoRALayer(nn.Module):
 
     def _current_norm(self, name: str) -> Tensor:
         """The norm for a forward; in eval kept until W, A, B or the scaling change (functional.eval_norm)."""
-        norm = functional.eval_norm(self._norm_cache, name, (self.weight, *self.factors(name)), self.scaling[name],
-                                    self.training, lambda: self.weight_norm(name))
+        norm = functional.eval_norm(self._norm_cache, name, (self.weight, *self.norm_inputs(name)),
+                                    self.scaling[name], self.training, lambda: self.weight_norm(name))
         return self.weight_norm(name) if norm is None else norm
 
     def clear_cache(self) -> None:
@@ -215,6 +249,8 @@ class DoRALayer(nn.Module):
 
     def _adapter(self, name: str) -> functional.Adapter:
         A, B = self.factors(name)
+        if not self.has_magnitude(name):  # plain LoRA: no norm, no gain
+            return functional.Adapter(A, B, None, self.scaling[name], self._dropout_p(name), None)
         m = self.lora_magnitude_vector[name].weight
         return functional.Adapter(A, B, m, self.scaling[name], self._dropout_p(name), self._current_norm(name))
 
@@ -240,14 +276,13 @@ class DoRALayer(nn.Module):
             trial = self.weight.detach().clone()
             for a in names:
                 A, B = self.factors(a)
-                ops.merge_(self.weight_2d(trial), A, B, self.lora_magnitude_vector[a].weight.reshape(-1), norms[a],
-                           self.scaling[a])
+                ops.merge_(self.weight_2d(trial), A, B, self._merge_magnitude(a, norms[a]), norms[a], self.scaling[a])
             if not torch.isfinite(trial).all():
                 raise ValueError(f"dora_ext.{type(self).__name__}.merge: NaN/inf in the merged weight of adapters "
                                  f"{names}; the layer was left unmerged")
         for a in names:
             A, B = self.factors(a)
-            m = self.lora_magnitude_vector[a].weight.reshape(-1)
+            m = self._merge_magnitude(a, norms[a])
             w2d = self.weight_2d()
             zero = (m == 0).nonzero().flatten()
             # g = 0 wipes a row for good; keep those few rows so unmerge() restores them exactly.
@@ -265,9 +300,15 @@ class DoRALayer(nn.Module):
             if zero.numel():
                 self.weight_2d()[zero] = saved
 
+    def _merge_magnitude(self, a: str, norm: Tensor) -> Tensor:
+        """The magnitude the merge ops use: plain LoRA merges with m = n, i.e. a gain of exactly 1."""
+        if not self.has_magnitude(a):
+            return norm
+        return self.lora_magnitude_vector[a].weight.reshape(-1)
+
     def _unmerge_into(self, w2d: Tensor, a: str, norm: Tensor, zero: Tensor) -> None:
         A, B = self.factors(a)
-        m = self.lora_magnitude_vector[a].weight.reshape(-1)
+        m = self._merge_magnitude(a, norm)
         if zero.numel():
             m = m.clone()
             m[zero] = 1.0  # any non-zero gain: those rows are restored from the saved copy
@@ -304,7 +345,17 @@ class DoRALayer(nn.Module):
 
 # ------------------------------------------------------------------------------------------------------ Linear
 class Linear(DoRALayer):
-    """DoRA on a frozen nn.Linear, or on a transformers Conv1D (weight stored [in, out]: fan_in_fan_out)."""
+    """DoRA on a frozen nn.Linear, or on a transformers Conv1D (weight stored [in, out]: fan_in_fan_out); also the
+    family variants: plain LoRA, EDoRA (lora_R between frozen SVD factors) and dynamic rank (lora_gate).
+
+    The variants reach the kernels as an ordinary (A, B) pair: EDoRA's B·R and the gated B·diag(c) are [out, r]
+    products folded before the op (autograd carries the gradients to R and c), so the norm, the fused forward and
+    backward, and merging never build the [out, in] ΔW and need no kernels of their own.
+    """
+
+    variants = ("dora", "lora", "edora")
+    supports_dynamic = True
+    extra_containers = ("lora_R", "lora_gate")
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False):
         conv1d = conv1d_type()
@@ -318,28 +369,75 @@ class Linear(DoRALayer):
         self.out_features, self.in_features = self.weight_2d().shape
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        self.lora_R = nn.ParameterDict()  # EDoRA: the trainable r×r matrix
+        self.lora_gate = nn.ParameterDict()  # dynamic rank: one gate per rank-1 component
 
     @classmethod
-    def adapter_shapes(cls, base, r, fan_in_fan_out=False):
+    def adapter_shapes(cls, base, r, variant="dora", dynamic=False):
         w = base.weight
         conv1d = conv1d_type()
         out, inp = (w.shape[1], w.shape[0]) if conv1d is not None and isinstance(base, conv1d) else w.shape
-        return {"lora_A.weight": (r, inp), "lora_B.weight": (out, r), "lora_magnitude_vector": (out,)}
+        shapes = {"lora_A.weight": (r, inp), "lora_B.weight": (out, r)}
+        if variant == "edora":
+            shapes["lora_R"] = (r, r)
+        if dynamic:
+            shapes["lora_gate"] = (r,)
+        if variant != "lora":
+            shapes["lora_magnitude_vector"] = (out,)
+        return shapes
+
+    def tensor_specs(self, name):
+        variant, frozen_factors = self.variant[name], self.variant[name] == "edora"
+        specs = [("lora_A", "lora_A.weight", not frozen_factors), ("lora_B", "lora_B.weight", not frozen_factors)]
+        if variant == "edora":
+            specs.append(("lora_R", "lora_R", True))
+        if self.dynamic[name]:
+            specs.append(("lora_gate", "lora_gate", True))
+        if variant != "lora":
+            specs.append(("lora_magnitude_vector", "lora_magnitude_vector", True))
+        return specs
 
     def weight_2d(self, weight=None):
         weight = self.weight if weight is None else weight
         return weight.T if self.fan_in_fan_out else weight
 
     def factors(self, name):
-        return self.lora_A[name].weight, self.lora_B[name].weight
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        if self.variant[name] == "edora":
+            B = B @ self.lora_R[name]  # [out, r]: never B·R·A
+        if self.dynamic[name]:
+            B = B * self.lora_gate[name].to(B.dtype)  # B·diag(c): pruned components are zero columns
+        return A, B
 
     def _create_factors(self, name, r, factory):
+        if self.variant[name] == "edora" and r > min(self.in_features, self.out_features):
+            raise ValueError(f"dora_ext.Linear.add_adapter: EDoRA needs r <= min(in, out) = "
+                             f"{min(self.in_features, self.out_features)}, got r={r}")
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **factory)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, **factory)
+        if self.variant[name] == "edora":
+            self.lora_R[name] = nn.Parameter(torch.empty(r, r, **factory))
+        if self.dynamic[name]:
+            self.lora_gate[name] = nn.Parameter(torch.empty(r, **factory))
 
-    def _reset_factors(self, name):
-        nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B[name].weight)
+    def _reset_factors(self, name, sigma):
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        if self.variant[name] == "edora":
+            # Truncated SVD of the frozen weight (computed in fp32, or fp64 for fp64 weights): B = U_r, A = Σ_r V_rᵀ.
+            w = self.weight_2d().detach()
+            w = w.double() if w.dtype == torch.float64 else w.float()
+            U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+            r = A.shape[0]
+            B.copy_(U[:, :r])
+            A.copy_(S[:r, None] * Vh[:r])
+            nn.init.normal_(self.lora_R[name], std=sigma)  # tiny: the model starts (almost) at the base
+        elif self.dynamic[name]:
+            nn.init.kaiming_uniform_(A)  # Mao et al.: both factors kaiming-uniform (a=0), gates zero, so ΔW = 0
+            nn.init.kaiming_uniform_(B)
+            nn.init.zeros_(self.lora_gate[name])
+        else:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            nn.init.zeros_(B)
 
     def _adapted_forward(self, x: Tensor, active: list[str], *args, **kwargs) -> Tensor:
         return functional.linear(x, self.weight_2d(), self.base_layer.bias, [self._adapter(a) for a in active],
@@ -368,7 +466,7 @@ class Conv(DoRALayer):
         self.spec = functional.ConvSpec(_CONV_FN[type(b)], b.stride, b.padding, b.dilation, b.groups)
 
     @classmethod
-    def adapter_shapes(cls, base, r, fan_in_fan_out=False):
+    def adapter_shapes(cls, base, r, variant="dora", dynamic=False):
         ones = (1,) * (base.weight.dim() - 2)
         return {"lora_A.weight": (r, base.in_channels, *base.kernel_size),
                 "lora_B.weight": (base.out_channels, r // base.groups, *ones),
@@ -393,7 +491,7 @@ class Conv(DoRALayer):
         self.lora_A[name] = conv(self.in_features, r, b.kernel_size, b.stride, b.padding, bias=False, **factory)
         self.lora_B[name] = conv(r, self.out_features, ones, ones, groups=b.groups, bias=False, **factory)
 
-    def _reset_factors(self, name):
+    def _reset_factors(self, name, sigma):
         nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B[name].weight)
 
@@ -438,7 +536,7 @@ class Embedding(DoRALayer):
         self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
 
     @classmethod
-    def adapter_shapes(cls, base, r, fan_in_fan_out=False):
+    def adapter_shapes(cls, base, r, variant="dora", dynamic=False):
         return {"lora_embedding_A": (r, base.num_embeddings), "lora_embedding_B": (base.embedding_dim, r),
                 "lora_magnitude_vector": (base.embedding_dim,)}
 
@@ -452,7 +550,7 @@ class Embedding(DoRALayer):
         self.lora_embedding_A[name] = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_embedding_B[name] = nn.Parameter(torch.empty(self.out_features, r, **factory))
 
-    def _reset_factors(self, name):
+    def _reset_factors(self, name, sigma):
         nn.init.zeros_(self.lora_embedding_A[name])  # PEFT: A = 0, B ~ N(0, 1)
         nn.init.normal_(self.lora_embedding_B[name])
 

@@ -47,14 +47,16 @@ def target_plan(model: nn.Module, config: DoRAConfig) -> tuple[DoRAConfig, dict[
     for name, mod in root.named_modules():
         if not name or not config.is_target(name):
             continue
-        if isinstance(mod, DoRALayer):
-            plan[name] = mod
-            continue
         if any(name.startswith(p + ".") for p in plan):  # inside a layer adapted already (e.g. its base_layer)
             continue
-        if layer_class_for(mod) is None:
+        cls = type(mod) if isinstance(mod, DoRALayer) else layer_class_for(mod)
+        if cls is None:
             raise ValueError(f"dora_ext.inject: target module {name!r} is a {type(mod).__name__}; supported are "
                              "nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d and nn.Embedding")
+        if config.variant not in cls.variants or (config.dynamic_rank and not cls.supports_dynamic):
+            raise ValueError(f"dora_ext.inject: target module {name!r} is a {type(mod).__name__}, which supports "
+                             f"variants {cls.variants}{'' if cls.supports_dynamic else ' without dynamic rank'}; "
+                             f"got variant={config.variant!r}, dynamic_rank={config.dynamic_rank}")
         plan[name] = mod
     if not plan:
         raise ValueError(f"dora_ext.inject: target_modules={config.target_modules!r} matched no module of the model "
@@ -88,8 +90,9 @@ def inject(model: nn.Module, config: DoRAConfig, adapter_name: str = "default") 
     root = adapter_root(model)
     for name, mod in plan.items():
         layer = mod if isinstance(mod, DoRALayer) else _wrap(mod)
-        layer.add_adapter(adapter_name, config.rank_for(name), config.alpha_for(name), config.dropout,
-                          config.use_rslora, config.adapter_dtype)
+        layer.add_adapter(adapter_name, config.layer_rank_for(name), config.alpha_for(name), config.dropout,
+                          config.use_rslora, config.adapter_dtype, variant=config.variant,
+                          dynamic=config.dynamic_rank, sigma=config.edora_sigma)
         if layer is not mod:
             _set_submodule(root, name, layer)
     configs = getattr(model, CONFIGS_ATTR, {})
@@ -235,6 +238,8 @@ def _adopt(layer: DoRALayer, peft_layer: nn.Module) -> None:
         layer.lora_magnitude_vector[a] = Magnitude(dora.weight)
     layer.r, layer.lora_alpha = dict(peft_layer.r), dict(peft_layer.lora_alpha)
     layer.scaling, layer.use_rslora = dict(peft_layer.scaling), dict(peft_layer.use_rslora)
+    layer.variant = {a: "dora" for a in peft_layer.r}  # from_peft converts DoRA adapters only
+    layer.dynamic = {a: False for a in peft_layer.r}
     layer.active_adapters = list(peft_layer.active_adapters)
     layer.disable_adapters = bool(peft_layer.disable_adapters)
     layer.train(peft_layer.training)

@@ -119,8 +119,8 @@ def _corrupt(tmp_path, how):
         tensors["base_model.model.lin.lora_A.weight"] = torch.zeros(4, 12, dtype=torch.int32)
     elif how == "non-finite":
         tensors["base_model.model.lin.lora_A.weight"][0, 0] = float("nan")
-    elif how == "non-DoRA config":
-        cfg["use_dora"] = False
+    elif how == "non-LoRA config":
+        cfg["peft_type"] = "IA3"
     elif how == "unsupported config":
         cfg["modules_to_save"] = ["classifier"]
     safetensors.torch.save_file(tensors, str(wfile))
@@ -135,7 +135,7 @@ def _corrupt(tmp_path, how):
 
 @pytest.mark.parametrize("how,match", [
     ("missing key", "1 missing key"), ("unexpected key", "1 unexpected key"), ("wrong shape", r"shape \(5, 12\)"),
-    ("integer dtype", "floating-point"), ("non-finite", "NaN or inf"), ("non-DoRA config", "plain LoRA adapter"),
+    ("integer dtype", "floating-point"), ("non-finite", "NaN or inf"), ("non-LoRA config", "peft_type='IA3'"),
     ("unsupported config", "modules_to_save"), ("truncated file", "truncated or corrupt"),
     ("invalid json", "not valid JSON"), ("missing file", "does not exist"),
 ])
