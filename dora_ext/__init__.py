@@ -21,6 +21,8 @@ except ImportError as exc:  # a half-loaded package would hide a broken build, s
 from . import functional, layers, ops, reference  # noqa: E402
 from .checkpoint import adapter_state_dict, load_adapter, save_adapter  # noqa: E402
 from .config import DoRAConfig  # noqa: E402
+from .dynamic_rank import DynamicRankAllocator  # noqa: E402
+from .loraplus import create_loraplus_optimizer, loraplus_param_groups  # noqa: E402
 from .model import (  # noqa: E402
     add_adapter, delete_adapter, disable_adapters, dora_layers, from_peft, inject, merge_and_unload, set_adapter,
     unload,
@@ -31,5 +33,6 @@ __version__ = "0.1.0"
 __all__ = [
     "DoRALinear", "DoRAConfig", "inject", "add_adapter", "set_adapter", "delete_adapter", "disable_adapters",
     "merge_and_unload", "unload", "dora_layers", "from_peft", "save_adapter", "load_adapter", "adapter_state_dict",
+    "DynamicRankAllocator", "loraplus_param_groups", "create_loraplus_optimizer",
     "functional", "layers", "ops", "reference", "__version__",
 ]
