@@ -224,6 +224,8 @@ def test_allocator_schedule_masks_and_physical_removal(variant, tmp_path):
     torch.testing.assert_close(pmodel(x), y, atol=1e-5, rtol=1e-5)
     ours = dora_ext.load_adapter(copy.deepcopy(base), tmp_path).eval()
     torch.testing.assert_close(ours(x), y, atol=1e-5, rtol=1e-5)
+    merged = dora_ext.merge_and_unload(model)  # the gates fold into the merge too
+    torch.testing.assert_close(merged(x), y, atol=1e-5, rtol=1e-5)
 
 
 def test_regulariser_matches_its_formula():
