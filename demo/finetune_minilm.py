@@ -139,15 +139,16 @@ def train(name: str, spec: dict, model: Classifier, train_data, steps: int, devi
     return losses, times, optimizer
 
 
-def step_peak_mib(model: nn.Module, optimizer, batch, device) -> float:
+def plain_step(model: nn.Module, optimizer, batch) -> None:
+    """One training step without schedule or allocator: what the memory probe and PEFT's timing run."""
     ids, mask, y = batch
+    nn.functional.cross_entropy(model(ids, mask), y).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
-    def step():
-        nn.functional.cross_entropy(model(ids, mask), y).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
-    return peak_memory(step, device)[1] / 2**20
+def step_peak_mib(model: nn.Module, optimizer, batch, device) -> float:
+    return peak_memory(lambda: plain_step(model, optimizer, batch), device)[1] / 2**20
 
 
 def peft_dora_step_ms(encoder, classes, train_data, r, device, reps: int) -> float:
@@ -161,11 +162,8 @@ def peft_dora_step_ms(encoder, classes, train_data, r, device, reps: int) -> flo
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     times = []
     for i in range(reps + 2):
-        ids, mask, y = train_data[i % len(train_data)]
         start = time.perf_counter()
-        nn.functional.cross_entropy(model(ids, mask), y).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        plain_step(model, optimizer, train_data[i % len(train_data)])
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append((time.perf_counter() - start) * 1e3)

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import DoRAConfig
+from .layers import DoRALayer, layer_class_for
 from .model import CONFIGS_ATTR, delete_adapter, dora_layers, inject, target_plan, unload
 
 __all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "CONFIG_NAME", "WEIGHTS_NAME"]
@@ -40,6 +41,13 @@ def _is_writer() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+def _adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, tuple[Tensor, bool]]:
+    """{saved key: (parameter, trainable)} of one adapter as the model holds it (unfolded)."""
+    return {f"{KEY_PREFIX}{name}.{suffix}": (p, trainable)
+            for name, layer in dora_layers(model).items() if adapter_name in layer.r
+            for (_, suffix, trainable), p in zip(layer.tensor_specs(adapter_name), layer.params_of(adapter_name))}
+
+
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default",
                        as_dora: bool = False) -> tuple[dict[str, Tensor], dict[str, int], dict[str, float]]:
     """({saved key: whole tensor}, rank_pattern, alpha_pattern) of one adapter, as save_adapter writes it.
@@ -48,27 +56,22 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default",
     components are dropped, and each layer's rank and scaling go into rank_pattern / alpha_pattern (alpha = s·r, so
     that alpha/r is the fixed s = alpha/r₀ of training). as_dora=True writes an EDoRA adapter the same way, as a
     PEFT DoRA adapter with B·R folded (for serving with PEFT; training EDoRA further needs the EDoRA file)."""
-    out, ranks, alphas = {}, {}, {}
+    out = {key: _full(p.detach()) for key, (p, _) in _adapter_tensors(model, adapter_name).items()}
+    ranks, alphas = {}, {}
     for name, layer in dora_layers(model).items():
-        if adapter_name not in layer.r:
+        if adapter_name not in layer.r or not (
+                layer.dynamic[adapter_name] or (as_dora and layer.variant[adapter_name] == "edora")):
             continue
         prefix = f"{KEY_PREFIX}{name}."
-        fold = layer.dynamic.get(adapter_name) or (as_dora and layer.variant.get(adapter_name) == "edora")
-        if not fold:
-            for (_, suffix, _), t in zip(layer.tensor_specs(adapter_name), layer.params_of(adapter_name)):
-                out[prefix + suffix] = _full(t.detach())
-            continue
-        A, B = (_full(t.detach()) for t in layer.factors(adapter_name))
+        A, B = (_full(t.detach()) for t in layer.factors(adapter_name))  # B·R or B·diag(c) folded
         keep = torch.arange(A.shape[0], device=A.device)
         if layer.dynamic[adapter_name]:
-            gate = _full(layer.lora_gate[adapter_name].detach())
-            keep = (gate != 0).nonzero().flatten()
+            keep = (out.pop(prefix + "lora_gate") != 0).nonzero().flatten()
             if keep.numel() == 0:  # every component pruned: one zero component keeps the layer (and its magnitude)
                 keep = torch.zeros(1, dtype=torch.long, device=A.device)
+        out.pop(prefix + "lora_R", None)
         out[prefix + "lora_A.weight"] = A[keep].contiguous()
         out[prefix + "lora_B.weight"] = B[:, keep].contiguous()
-        if layer.has_magnitude(adapter_name):
-            out[prefix + "lora_magnitude_vector"] = _full(layer.lora_magnitude_vector[adapter_name].weight.detach())
         ranks[re.escape(name)] = int(keep.numel())
         alphas[re.escape(name)] = layer.scaling[adapter_name] * int(keep.numel())
     if not out:
@@ -152,15 +155,12 @@ def _read(path: Path) -> tuple[DoRAConfig, dict[str, Tensor]]:
 
 def _expected(model: nn.Module, config: DoRAConfig, adapter_name: str) -> tuple[DoRAConfig | None, dict]:
     """(config to inject with, or None when the adapter exists; {saved key: shape})."""
-    layers = {n: l for n, l in dora_layers(model).items() if adapter_name in l.r}
-    if layers:
-        return None, {f"{KEY_PREFIX}{n}.{suffix}": tuple(t.shape) for n, l in layers.items()
-                      for (_, suffix, _), t in zip(l.tensor_specs(adapter_name), l.params_of(adapter_name))}
+    existing = _adapter_tensors(model, adapter_name)
+    if existing:
+        return None, {key: tuple(p.shape) for key, (p, _) in existing.items()}
     config, plan = target_plan(model, config)
     shapes = {}
     for name, mod in plan.items():
-        from .layers import DoRALayer, layer_class_for
-
         base = mod.base_layer if isinstance(mod, DoRALayer) else mod
         shapes_of = layer_class_for(base).adapter_shapes(base, config.layer_rank_for(name), config.variant,
                                                          config.dynamic_rank)
@@ -201,11 +201,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     if inject_config is not None:
         inject(model, inject_config, adapter_name)
     try:
-        params = {}
-        for name, layer in dora_layers(model).items():
-            if adapter_name in layer.r:
-                for (_, suffix, trainable), p in zip(layer.tensor_specs(adapter_name), layer.params_of(adapter_name)):
-                    params[f"{KEY_PREFIX}{name}.{suffix}"] = (p, trainable)
+        params = _adapter_tensors(model, adapter_name)
         with torch.no_grad():
             for key, (p, _) in params.items():
                 _copy_into(p, tensors[key])

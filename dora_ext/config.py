@@ -78,10 +78,9 @@ class DoRAConfig:
                "dynamic_rank works with variant 'dora' or 'lora', not 'edora' (EDoRA's rank is fixed by its SVD)")
         _check(isinstance(self.edora_sigma, (int, float)) and math.isfinite(self.edora_sigma) and
                self.edora_sigma >= 0, f"expected a finite edora_sigma >= 0, got {self.edora_sigma!r}")
-        _check_rank(self.r, "r")
-        _check_alpha(self.alpha, "alpha")
-        _check(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0,
-               f"expected dropout in [0, 1), got {self.dropout!r}")
+        check_rank(self.r, "DoRAConfig", "r")
+        check_alpha(self.alpha, "DoRAConfig")
+        check_dropout(self.dropout, "DoRAConfig")
         _check(self.target_modules is not None, "expected target_modules (module names, suffixes, a regex or "
                f"{ALL_LINEAR!r}), got None")
         for name in ("target_modules", "exclude_modules"):
@@ -93,9 +92,9 @@ class DoRAConfig:
                    (isinstance(value, list) and all(isinstance(v, str) for v in value)),
                    f"expected {name} as a str or a list of str, got {value!r}")
         for key, rank in self.rank_pattern.items():
-            _check_rank(rank, f"rank_pattern[{key!r}]")
+            check_rank(rank, "DoRAConfig", f"rank_pattern[{key!r}]")
         for key, alpha in self.alpha_pattern.items():
-            _check_alpha(alpha, f"alpha_pattern[{key!r}]")
+            check_alpha(alpha, "DoRAConfig", f"alpha_pattern[{key!r}]")
 
     # ------------------------------------------------------------------------------------------- target matching
     def is_excluded(self, key: str) -> bool:
@@ -182,13 +181,20 @@ class DoRAConfig:
                    edora_sigma=d.get("edora_sigma", 1e-5))
 
 
-def _check_rank(r, what: str) -> None:
-    _check(not isinstance(r, bool) and isinstance(r, int) and r >= 1, f"expected an integer {what} >= 1, got {r!r}")
+# Argument checks shared by DoRAConfig, the layers and DoRALinear; `where` names the API in the message.
+def check_rank(r, where: str, what: str = "rank r") -> None:
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"{where}: expected an integer {what} >= 1, got {r!r}")
 
 
-def _check_alpha(alpha, what: str) -> None:
-    _check(not isinstance(alpha, bool) and isinstance(alpha, (int, float)) and math.isfinite(alpha),
-           f"expected a finite {what}, got {alpha!r}")
+def check_alpha(alpha, where: str, what: str = "alpha") -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"{where}: expected a finite {what}, got {alpha!r}")
+
+
+def check_dropout(dropout, where: str) -> None:
+    if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+        raise ValueError(f"{where}: expected dropout in [0, 1), got {dropout!r}")
 
 
 def _matches(spec, key: str) -> bool:

@@ -68,8 +68,15 @@ def _dropped(x: Tensor, a: Adapter, training: bool) -> Tensor | None:
     return F.dropout(x, a.dropout, training=True) if training and a.dropout > 0 else None
 
 
-def _compose(result: Tensor, base_part: Tensor, lora: Tensor, g: Tensor) -> Tensor:
-    """PEFT's variant update: result + (g−1)·base_part + g·lora (g broadcast over the feature dim already)."""
+def _dora_update(result: Tensor, lora: Tensor, g: Tensor, bias: Tensor | None, x_drop: Tensor | None,
+                 base_of: Callable[[Tensor], Tensor]) -> Tensor:
+    """PEFT's per-adapter variant update, result + (g−1)·base_part + g·lora (g already shaped to broadcast):
+    without dropout base_part is the running result minus the bias (multiplicative composition); with dropout PEFT
+    recomputes it as base_of(x_drop) = W·x_d without bias (additive composition)."""
+    if x_drop is None:
+        base_part = result if bias is None else result - bias
+    else:
+        base_part = base_of(x_drop)
     return result + ((g - 1) * base_part + g * lora)
 
 
@@ -97,12 +104,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, adapters: Sequence[Ad
             result = (result + lora).to(out_dtype)
             continue
         norm = a.norm if a.norm is not None else ops.weight_norm(weight, a.lora_A, a.lora_B, a.scaling)
-        g = _gain(a, norm)
-        if x_drop is None:  # multiplicative: reuse the running result, minus the bias
-            base_part = result if bias is None else result - bias
-        else:  # additive: PEFT recomputes W·x_d
-            base_part = F.linear(x_drop, weight.to(xa.dtype))
-        result = _compose(result, base_part, lora, g).to(out_dtype)
+        result = _dora_update(result, lora, _gain(a, norm), bias, x_drop,
+                              lambda xd: F.linear(xd, weight.to(xd.dtype))).to(out_dtype)
     return result
 
 
@@ -130,12 +133,8 @@ def conv(x: Tensor, base_out: Tensor, weight: Tensor, bias: Tensor | None, spec:
         u = spec.conv_fn(src, a.lora_A, None, spec.stride, spec.padding)
         lora = spec.conv_fn(u, a.lora_B, None, 1, 0, 1, spec.groups) * a.scaling
         g = _gain(a, a.norm).reshape((1, -1) + (1,) * (result.dim() - 2))
-        if x_drop is None:  # multiplicative: reuse the running result, minus the bias
-            base_part = result if bias_view is None else result - bias_view
-        else:  # additive: PEFT recomputes conv(x_d, W) without bias
-            base_part = spec.conv_fn(x_drop, weight.to(x_drop.dtype), None, spec.stride, spec.padding,
-                                     spec.dilation, spec.groups)
-        result = _compose(result, base_part, lora, g).to(out_dtype)
+        result = _dora_update(result, lora, g, bias_view, x_drop, lambda xd: spec.conv_fn(
+            xd, weight.to(xd.dtype), None, spec.stride, spec.padding, spec.dilation, spec.groups)).to(out_dtype)
     return result
 
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import functional, ops
+from .config import check_alpha, check_dropout, check_rank
 
 __all__ = ["DoRALayer", "Linear", "Conv", "Embedding", "Magnitude", "conv1d_type", "layer_class_for"]
 
@@ -143,12 +144,9 @@ class DoRALayer(nn.Module):
         what = f"dora_ext.{type(self).__name__}.add_adapter"
         if not isinstance(name, str) or not name or name in self.r:
             raise ValueError(f"{what}: expected a new adapter name, got {name!r} (present: {self.adapter_names})")
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"{what}: expected an integer rank r >= 1, got {r!r}")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-            raise ValueError(f"{what}: expected a finite alpha, got {alpha!r}")
-        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
-            raise ValueError(f"{what}: expected dropout in [0, 1), got {dropout!r}")
+        check_rank(r, what)
+        check_alpha(alpha, what)
+        check_dropout(dropout, what)
         if variant not in self.variants or (dynamic and (not self.supports_dynamic or variant == "edora")):
             raise ValueError(f"{what}: {type(self).__name__} layers support variants {self.variants}"
                              f"{' (dynamic rank with dora/lora)' if self.supports_dynamic else ''}, got "
@@ -227,17 +225,20 @@ class DoRALayer(nn.Module):
         return float(getattr(self.lora_dropout[name], "p", 0.0))
 
     # -------------------------------------------------------------------------------------------- the norm
-    def weight_norm(self, name: str, weight: Tensor | None = None) -> Tensor:
+    def weight_norm(self, name: str, weight: Tensor | None = None,
+                    factors: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """‖W + s·B·A‖ per output row/channel, float32 (float64 for float64 inputs); W is the unmerged base weight
-        (or `weight`). Never materialises the [out, in] sum."""
-        A, B = self.factors(name)
+        (or `weight`); `factors`: self.factors(name) when the caller has them already. Never materialises the
+        [out, in] sum."""
+        A, B = self.factors(name) if factors is None else factors
         return ops.weight_norm(self.weight_2d(weight), A, B, self.scaling[name])
 
-    def _current_norm(self, name: str) -> Tensor:
+    def _current_norm(self, name: str, factors: tuple[Tensor, Tensor]) -> Tensor:
         """The norm for a forward; in eval kept until W, A, B or the scaling change (functional.eval_norm)."""
+        compute = lambda: self.weight_norm(name, factors=factors)  # noqa: E731
         norm = functional.eval_norm(self._norm_cache, name, (self.weight, *self.norm_inputs(name)),
-                                    self.scaling[name], self.training, lambda: self.weight_norm(name))
-        return self.weight_norm(name) if norm is None else norm
+                                    self.scaling[name], self.training, compute)
+        return compute() if norm is None else norm
 
     def clear_cache(self) -> None:
         """Drop the eval-time norm cache (needed only after writing parameters through `.data`)."""
@@ -247,12 +248,16 @@ class DoRALayer(nn.Module):
         self._norm_cache.clear()  # as PEFT: switching modes starts from a fresh norm
         return super().train(mode)
 
+    def _forward_factors(self, name: str, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+        """The factors as the forward applies them (the 2-D ones, except for convolutions)."""
+        return A, B
+
     def _adapter(self, name: str) -> functional.Adapter:
-        A, B = self.factors(name)
-        if not self.has_magnitude(name):  # plain LoRA: no norm, no gain
-            return functional.Adapter(A, B, None, self.scaling[name], self._dropout_p(name), None)
-        m = self.lora_magnitude_vector[name].weight
-        return functional.Adapter(A, B, m, self.scaling[name], self._dropout_p(name), self._current_norm(name))
+        A, B = self.factors(name)  # built once: for EDoRA / dynamic rank they are [out, r] products
+        m = self.lora_magnitude_vector[name].weight if self.has_magnitude(name) else None
+        norm = self._current_norm(name, (A, B)) if m is not None else None  # plain LoRA: no norm, no gain
+        return functional.Adapter(*self._forward_factors(name, A, B), m, self.scaling[name], self._dropout_p(name),
+                                  norm)
 
     # --------------------------------------------------------------------------------------------- merging
     def _check_mergeable(self) -> None:
@@ -274,31 +279,32 @@ class DoRALayer(nn.Module):
         norms = {a: self.weight_norm(a, base) for a in names}
         if safe_merge:
             trial = self.weight.detach().clone()
-            for a in names:
-                A, B = self.factors(a)
-                ops.merge_(self.weight_2d(trial), A, B, self._merge_magnitude(a, norms[a]), norms[a], self.scaling[a])
+            self._merge_into(trial, names, norms)
             if not torch.isfinite(trial).all():
                 raise ValueError(f"dora_ext.{type(self).__name__}.merge: NaN/inf in the merged weight of adapters "
                                  f"{names}; the layer was left unmerged")
+        self._merge_records.update(self._merge_into(self.weight, names, norms))
+        self.merged_adapters.extend(names)
+
+    def _merge_into(self, weight: Tensor, names: list[str], norms: dict[str, Tensor]) -> dict[str, tuple]:
+        """Merge `names` into `weight` in place; returns each adapter's record for _undo_merge."""
+        records = {}
         for a in names:
             A, B = self.factors(a)
             m = self._merge_magnitude(a, norms[a])
-            w2d = self.weight_2d()
+            w2d = self.weight_2d(weight)
             zero = (m == 0).nonzero().flatten()
             # g = 0 wipes a row for good; keep those few rows so unmerge() restores them exactly.
-            self._merge_records[a] = (norms[a], zero, w2d[zero].clone())
+            records[a] = (norms[a], zero, w2d[zero].clone())
             ops.merge_(w2d, A, B, m, norms[a], self.scaling[a])
-            self.merged_adapters.append(a)
+        return records
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Undo merge() (all merged adapters, last first) with the norms kept at merge time."""
         while self.merged_adapters:
             a = self.merged_adapters.pop()
-            norm, zero, saved = self._merge_records.pop(a)
-            self._unmerge_into(self.weight_2d(), a, norm, zero)
-            if zero.numel():
-                self.weight_2d()[zero] = saved
+            self._undo_merge(self.weight, a, self._merge_records.pop(a))
 
     def _merge_magnitude(self, a: str, norm: Tensor) -> Tensor:
         """The magnitude the merge ops use: plain LoRA merges with m = n, i.e. a gain of exactly 1."""
@@ -306,13 +312,19 @@ class DoRALayer(nn.Module):
             return norm
         return self.lora_magnitude_vector[a].weight.reshape(-1)
 
-    def _unmerge_into(self, w2d: Tensor, a: str, norm: Tensor, zero: Tensor) -> None:
+    def _undo_merge(self, weight: Tensor, a: str, record: tuple) -> None:
+        """weight ← weight / g − s·B·A for adapter `a` with the norm kept at merge time; rows whose gain was 0 come
+        back from the saved copy."""
+        norm, zero, saved = record
         A, B = self.factors(a)
         m = self._merge_magnitude(a, norm)
         if zero.numel():
             m = m.clone()
-            m[zero] = 1.0  # any non-zero gain: those rows are restored from the saved copy
+            m[zero] = 1.0  # any non-zero gain: those rows are restored from the saved copy below
+        w2d = self.weight_2d(weight)
         ops.unmerge_(w2d, A, B, m, norm, self.scaling[a])
+        if zero.numel():
+            w2d[zero] = saved
 
     def _unmerged_weight(self) -> Tensor:
         """The base weight without merged adapters (a copy when some are merged), for the norms of new merges."""
@@ -320,10 +332,7 @@ class DoRALayer(nn.Module):
             return self.weight
         weight = self.weight.detach().clone()
         for a in reversed(self.merged_adapters):
-            norm, zero, saved = self._merge_records[a]
-            self._unmerge_into(self.weight_2d(weight), a, norm, zero)
-            if zero.numel():
-                self.weight_2d(weight)[zero] = saved
+            self._undo_merge(weight, a, self._merge_records[a])
         return weight
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
@@ -372,30 +381,30 @@ class Linear(DoRALayer):
         self.lora_R = nn.ParameterDict()  # EDoRA: the trainable r×r matrix
         self.lora_gate = nn.ParameterDict()  # dynamic rank: one gate per rank-1 component
 
+    @staticmethod
+    def _specs(variant: str, dynamic: bool) -> list[tuple[str, str, bool]]:
+        """(container, saved-key suffix, trainable) of the tensors an adapter of this variant has."""
+        factors_train = variant != "edora"  # EDoRA's SVD factors are frozen
+        specs = [("lora_A", "lora_A.weight", factors_train), ("lora_B", "lora_B.weight", factors_train)]
+        if variant == "edora":
+            specs.append(("lora_R", "lora_R", True))
+        if dynamic:
+            specs.append(("lora_gate", "lora_gate", True))
+        if variant != "lora":
+            specs.append(("lora_magnitude_vector", "lora_magnitude_vector", True))
+        return specs
+
     @classmethod
     def adapter_shapes(cls, base, r, variant="dora", dynamic=False):
         w = base.weight
         conv1d = conv1d_type()
         out, inp = (w.shape[1], w.shape[0]) if conv1d is not None and isinstance(base, conv1d) else w.shape
-        shapes = {"lora_A.weight": (r, inp), "lora_B.weight": (out, r)}
-        if variant == "edora":
-            shapes["lora_R"] = (r, r)
-        if dynamic:
-            shapes["lora_gate"] = (r,)
-        if variant != "lora":
-            shapes["lora_magnitude_vector"] = (out,)
-        return shapes
+        shapes = {"lora_A.weight": (r, inp), "lora_B.weight": (out, r), "lora_R": (r, r), "lora_gate": (r,),
+                  "lora_magnitude_vector": (out,)}
+        return {suffix: shapes[suffix] for _, suffix, _ in cls._specs(variant, dynamic)}
 
     def tensor_specs(self, name):
-        variant, frozen_factors = self.variant[name], self.variant[name] == "edora"
-        specs = [("lora_A", "lora_A.weight", not frozen_factors), ("lora_B", "lora_B.weight", not frozen_factors)]
-        if variant == "edora":
-            specs.append(("lora_R", "lora_R", True))
-        if self.dynamic[name]:
-            specs.append(("lora_gate", "lora_gate", True))
-        if variant != "lora":
-            specs.append(("lora_magnitude_vector", "lora_magnitude_vector", True))
-        return specs
+        return self._specs(self.variant[name], self.dynamic[name])
 
     def weight_2d(self, weight=None):
         weight = self.weight if weight is None else weight
@@ -495,9 +504,9 @@ class Conv(DoRALayer):
         nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B[name].weight)
 
-    def weight_norm(self, name, weight=None):
+    def weight_norm(self, name, weight=None, factors=None):
         if self.spec.groups == 1:
-            return super().weight_norm(name, weight)
+            return super().weight_norm(name, weight, factors)
         weight = self.weight if weight is None else weight
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
         r = A.shape[0]
@@ -512,10 +521,11 @@ class Conv(DoRALayer):
             raise NotImplementedError("dora_ext.Conv.merge: merging is not supported for convolutions with "
                                       f"groups > 1 (got groups={self.spec.groups}), as in PEFT")
 
+    def _forward_factors(self, name, A, B):
+        return self.lora_A[name].weight, self.lora_B[name].weight  # the conv kernels themselves
+
     def _adapted_forward(self, x: Tensor, active: list[str], *args, **kwargs) -> Tensor:
         adapters = [self._adapter(a) for a in active]
-        adapters = [a._replace(lora_A=self.lora_A[n].weight, lora_B=self.lora_B[n].weight)
-                    for a, n in zip(adapters, active)]
         return functional.conv(x, self.base_layer(x), self.weight, self.base_layer.bias, self.spec, adapters,
                                self.training)
 

@@ -12,7 +12,7 @@ import contextlib
 from torch import nn
 
 from .config import DoRAConfig
-from .layers import DoRALayer, Embedding, Linear, conv1d_type, layer_class_for
+from .layers import DoRALayer, Embedding, conv1d_type, layer_class_for
 
 __all__ = ["inject", "add_adapter", "set_adapter", "delete_adapter", "disable_adapters", "merge_and_unload",
            "unload", "dora_layers", "from_peft", "adapter_root", "target_plan"]
@@ -65,8 +65,7 @@ def target_plan(model: nn.Module, config: DoRAConfig) -> tuple[DoRAConfig, dict[
 
 
 def _wrap(mod: nn.Module) -> DoRALayer:
-    cls = layer_class_for(mod)
-    return cls(mod) if cls is not Linear else Linear(mod)
+    return layer_class_for(mod)(mod)
 
 
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:

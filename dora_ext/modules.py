@@ -8,17 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from . import functional, ops
+from .config import check_alpha, check_dropout, check_rank
 
 __all__ = ["DoRALinear"]
-
-
-def _check_rank_alpha(r, alpha, dropout):
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"DoRALinear: expected an integer rank r >= 1, got {r!r}")
-    if alpha is not None and not (isinstance(alpha, (int, float)) and math.isfinite(alpha)):
-        raise ValueError(f"DoRALinear: expected a finite alpha, got {alpha!r}")
-    if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
-        raise ValueError(f"DoRALinear: expected dropout in [0, 1), got {dropout!r}")
 
 
 class DoRALinear(nn.Module):
@@ -42,7 +34,10 @@ class DoRALinear(nn.Module):
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"DoRALinear: expected an nn.Linear to wrap, got {type(base_layer).__name__}")
-        _check_rank_alpha(r, alpha, dropout)
+        check_rank(r, "DoRALinear")
+        if alpha is not None:  # None means alpha = r
+            check_alpha(alpha, "DoRALinear")
+        check_dropout(dropout, "DoRALinear")
         weight = base_layer.weight
         if not weight.is_floating_point():
             raise TypeError(f"DoRALinear: expected a floating-point base weight, got {weight.dtype}")
