@@ -1,8 +1,13 @@
-"""A few DoRA training steps on the small Llama: single process, or 2 processes (gloo, CPU) under DDP or FSDP2.
+"""A few DoRA training steps on the small Llama: single process (float32, or float64 as the oracle), or 2 processes (gloo, CPU) under DDP or FSDP2.
 
 Every process sees an equal share of one fixed batch, so the mean of the per-rank losses and the averaged gradients
-equal single-process training on the whole batch. Writes losses.json and the saved adapter to the output directory.
-Run by tests/test_distributed.py.
+equal single-process training on the whole batch. Writes losses.json, the first step's gradients (grads.safetensors,
+whole tensors), the initial and the trained adapter to the output directory. Run by tests/test_distributed.py.
+
+Plain SGD, not Adam: SGD moves each parameter by lr × its gradient, so a rounding difference in a gradient (two half
+batches + all-reduce against one batch, vendor-specific GEMM kernels) stays a rounding difference in the parameter.
+Adam's first steps move every element by about ±lr whatever the gradient's size, so a near-zero gradient whose last
+bits differ can move an element by an lr-sized amount the other way.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import os
 import sys
 from pathlib import Path
 
+import safetensors.torch
 import torch
 import torch.distributed as dist
 
@@ -20,6 +26,7 @@ import dora_ext  # noqa: E402
 from real_models import llama_batch, tiny_llama  # noqa: E402
 
 STEPS = 3
+LR = 0.5  # large enough that three steps move every adapter tensor well above rounding
 
 
 def train(rank: int, world: int, mode: str, out_dir: str, port: int) -> None:
@@ -30,6 +37,8 @@ def train(rank: int, world: int, mode: str, out_dir: str, port: int) -> None:
     model = tiny_llama()
     torch.manual_seed(0)  # the same adapter init on every rank
     dora_ext.inject(model, dora_ext.DoRAConfig(r=4, alpha=8, target_modules="all-linear"))
+    if mode == "single64":  # the float64 oracle the fp32 runs are measured against: the same values, cast
+        model = model.double()
     batch = llama_batch(batch=8)
     share = 8 // world
     local = {k: v[rank * share:(rank + 1) * share] for k, v in batch.items()}
@@ -47,11 +56,15 @@ def train(rank: int, world: int, mode: str, out_dir: str, port: int) -> None:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
     wrapped.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    out = Path(out_dir)
+    dora_ext.save_adapter(model, out / "init")
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
     losses = []
-    for _ in range(STEPS):
+    for step in range(STEPS):
         loss = wrapped(**local).loss
         loss.backward()
+        if step == 0:
+            _save_grads(model, out / "grads.safetensors", rank)
         opt.step()
         opt.zero_grad()
         mean = loss.detach().clone()
@@ -59,17 +72,28 @@ def train(rank: int, world: int, mode: str, out_dir: str, port: int) -> None:
             dist.all_reduce(mean)
             mean /= world
         losses.append(mean.item())
-    dora_ext.save_adapter(model, Path(out_dir) / "adapter")  # every rank calls: sharded tensors are gathered
+    dora_ext.save_adapter(model, out / "adapter")  # every rank calls: sharded tensors are gathered
     if rank == 0:
-        (Path(out_dir) / "losses.json").write_text(json.dumps(losses))
+        (out / "losses.json").write_text(json.dumps(losses))
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
 
 
+def _save_grads(model, path: Path, rank: int) -> None:
+    """The whole gradient of every trainable tensor (FSDP2 shards are gathered: every rank must call)."""
+    grads = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            g = p.grad
+            grads[name] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone()
+    if rank == 0:
+        safetensors.torch.save_file(grads, str(path))
+
+
 if __name__ == "__main__":
     mode, out_dir, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    if mode == "single":
+    if mode in ("single", "single64"):
         train(0, 1, mode, out_dir, port)
     else:
         torch.multiprocessing.spawn(train, args=(2, mode, out_dir, port), nprocs=2, join=True)

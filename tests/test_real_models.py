@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import dora_ext
+from helpers import assert_error_within
 from model_helpers import copy_adapters, grads, perturb_
 from real_models import llama_batch, load_minilm, minilm_dir, tiny_llama
 
@@ -65,20 +66,30 @@ def test_llama_all_linear_one_optimizer_step_matches_peft():
     assert set(ours.dora_ext_configs["default"].target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj",
                                                                     "gate_proj", "up_proj", "down_proj"}
     batch = llama_batch()
-    losses = {}
-    for key, m in (("peft", pmodel), ("ours", ours)):
+    losses, updates = {}, {}
+    oracle = copy.deepcopy(pmodel).double()  # PEFT in float64: the oracle for both fp32 implementations
+    for key, m in (("peft", pmodel), ("ours", ours), ("float64", oracle)):
         m.train()
-        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+        before = {k.removeprefix("base_model.model."): v.clone() for k, v in m.state_dict().items()}
+        # SGD: the update is lr × gradient, so it compares as well as the gradients do (tests/helpers.py)
+        opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
         loss0 = m(**batch).loss
         loss0.backward()
         opt.step()
         losses[key] = (loss0.item(), m(**batch).loss.item())
+        updates[key] = {k.removeprefix("base_model.model."): v - before[k.removeprefix("base_model.model.")]
+                        for k, v in m.state_dict().items()}
     assert losses["ours"][0] == pytest.approx(losses["peft"][0], rel=1e-5)
     assert losses["ours"][1] == pytest.approx(losses["peft"][1], rel=1e-5)
     assert losses["ours"][1] < losses["ours"][0]
-    sd_p = {k.removeprefix("base_model.model."): v for k, v in pmodel.state_dict().items()}
-    for k, v in ours.state_dict().items():
-        torch.testing.assert_close(v, sd_p[k], atol=1e-5, rtol=1e-5, msg=lambda m: f"{k}: {m}")
+    assert updates["ours"].keys() == updates["peft"].keys()
+    for k, du in updates["ours"].items():
+        if "lora_" not in k:
+            assert not du.any(), k  # the base stays frozen
+            continue
+        # fp32 through 2 decoder layers: both sides are up to ~4e-3 (norm-wise) off float64, the shared forward's
+        # rounding, so we are held to PEFT's own error rather than to a number
+        assert_error_within(du, updates["peft"][k], updates["float64"][k], msg=k)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
