@@ -1,5 +1,7 @@
 """Model-level benchmark: a Llama-style stack (random init, built from a config) with adapters on every linear layer
-of the decoder ("all-linear"), trained with PEFT LoRA, PEFT DoRA and dora_ext DoRA, plus unmerged inference.
+of the decoder ("all-linear"), trained with PEFT LoRA, PEFT DoRA, dora_ext's own layers (`dora_ext.inject`) and
+PEFT's layers running dora_ext's fused variants (`dora_ext.from_peft`, the PEFT-variant route), plus unmerged
+inference.
 
   train: forward + loss + backward + AdamW step + zero_grad, median of --reps steps after --warmup, the providers
          timed round-robin (one step each per round) so drifts of a shared machine hit them alike;
@@ -25,7 +27,7 @@ import dora_ext  # noqa: E402
 from bench_utils import device_slug, interleaved_ms, markdown_table, metadata, write_results  # noqa: E402
 from dora_ext.memory import peak_memory  # noqa: E402
 
-PROVIDERS = ("peft_lora", "peft_dora", "dora_ext")
+PROVIDERS = ("peft_lora", "peft_dora", "dora_ext", "peft_dora_fused")
 
 
 def build_base(args, device, dtype):
@@ -44,8 +46,9 @@ def build(provider: str, base, r: int):
     model = copy.deepcopy(base)
     if provider == "dora_ext":
         return dora_ext.inject(model, dora_ext.DoRAConfig(r=r, alpha=2 * r, target_modules="all-linear"))
-    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", use_dora=provider == "peft_dora")
-    return peft.get_peft_model(model, cfg)
+    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", use_dora=provider != "peft_lora")
+    model = peft.get_peft_model(model, cfg)
+    return dora_ext.from_peft(model) if provider == "peft_dora_fused" else model
 
 
 def train_step(model, batch):

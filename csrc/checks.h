@@ -21,9 +21,10 @@ inline void check_floating(const char* op, const char* name, const at::Tensor& t
                t.scalar_type());
 }
 
-inline void check_same_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
-    DORA_CHECK(op, t.device() == ref.device(), "expected ", name, " on ", ref.device(), " (the device of weight), got ",
-               t.device());
+inline void check_same_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref,
+                              const char* ref_name = "weight") {
+    DORA_CHECK(op, t.device() == ref.device(), "expected ", name, " on ", ref.device(), " (the device of ", ref_name,
+               "), got ", t.device());
 }
 
 inline void check_scaling(const char* op, double scaling) {
@@ -49,11 +50,31 @@ inline void check_lowrank(const char* op, const at::Tensor& weight, const at::Te
 }
 
 // A per-output-feature vector (magnitude, weight_norm, bias): shape [out], on the weight's device.
-inline void check_row_vector(const char* op, const char* name, const at::Tensor& t, const at::Tensor& weight) {
+// `ref` is the weight, or any tensor whose first dimension is out_features (lora_B), named `ref_name`.
+inline void check_row_vector(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref,
+                             const char* ref_name = "weight") {
     check_floating(op, name, t);
-    DORA_CHECK(op, t.dim() == 1 && t.size(0) == weight.size(0), "expected ", name, " of shape [", weight.size(0),
+    DORA_CHECK(op, t.dim() == 1 && t.size(0) == ref.size(0), "expected ", name, " of shape [", ref.size(0),
                "], got ", shape_str(t));
-    check_same_device(op, name, t, weight);
+    check_same_device(op, name, t, ref, ref_name);
+}
+
+// An activation [..., features] of `ref`'s dtype and device (x, x_drop, grad_out, a base-layer result); ref_name
+// names ref in the messages.
+inline void check_activation(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref,
+                             int64_t features, const char* what, const char* ref_name = "weight") {
+    check_floating(op, name, t);
+    DORA_CHECK(op, t.dim() >= 1 && t.size(-1) == features, "expected ", name, " of shape [..., ", features, "] (",
+               what, "), got ", shape_str(t));
+    DORA_CHECK(op, t.scalar_type() == ref.scalar_type(), "expected ", name, " of the ", ref_name, "'s dtype ",
+               ref.scalar_type(), ", got ", t.scalar_type());
+    check_same_device(op, name, t, ref, ref_name);
+}
+
+inline void check_dora_vectors(const char* op, const at::Tensor& ref, const at::Tensor& magnitude,
+                               const at::Tensor& weight_norm, const char* ref_name = "weight") {
+    check_row_vector(op, "magnitude", magnitude, ref, ref_name);
+    check_row_vector(op, "weight_norm", weight_norm, ref, ref_name);
 }
 
 }  // namespace dora_ext

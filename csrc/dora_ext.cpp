@@ -1,5 +1,5 @@
 // The one TORCH_LIBRARY of the `dora_ext` namespace: every op schema lives here. Kernels are registered per
-// backend in dora_linear.cpp (CPU always, CUDA when the build includes it).
+// backend in registration.cpp (CPU always, CUDA when the build includes it).
 //
 // Conventions: `weight` is an nn.Linear weight [out, in]; lora_A [r, in]; lora_B [out, r]; magnitude [out];
 // `weight_norm` is ‖W + s·B·A‖ per output row in float32 (float64 for float64 inputs) and is never differentiated
@@ -37,6 +37,22 @@ TORCH_LIBRARY(dora_ext, m) {
         "dora_linear_backward(Tensor grad_out, Tensor? x_src, Tensor weight, Tensor lora_A, Tensor lora_B, "
         "Tensor magnitude, Tensor weight_norm, Tensor? acc, Tensor? lora_u, float scaling, bool dropout, "
         "bool[6] output_mask) -> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
+
+    // The DoRA update of a base output computed elsewhere (a PEFT LoRA variant gets base_layer(x) as `result`),
+    // g = magnitude / max(weight_norm, eps), lora_u = x Aᵀ (or x_drop Aᵀ) [..., r]:
+    //   base is None:  out = g ⊙ (result − bias + s·lora_u Bᵀ) + bias
+    //   base given:    out = result + (g-1) ⊙ base + g ⊙ s·lora_u Bᵀ     (base = x_drop Wᵀ; bias must be None)
+    // acc is the pre-scale sum [T, out] the magnitude gradient needs.
+    m.def(
+        "dora_rescale(Tensor result, Tensor? base, Tensor? bias, Tensor lora_u, Tensor lora_B, Tensor magnitude, "
+        "Tensor weight_norm, float scaling) -> (Tensor out, Tensor acc)");
+
+    // Gradients of dora_rescale; output_mask selects (result, base, lora_u, lora_B, magnitude). With base, result's
+    // gradient is grad_out itself, so the caller must not request it here.
+    m.def(
+        "dora_rescale_backward(Tensor grad_out, Tensor? lora_u, Tensor lora_B, Tensor magnitude, Tensor weight_norm, "
+        "Tensor? acc, float scaling, bool has_base, bool[5] output_mask) -> (Tensor?, Tensor?, Tensor?, Tensor?, "
+        "Tensor?)");
 
     // In place: weight ← g ⊙ (weight + s·B·A) with g from the norm of the unmerged weight; unmerge_ inverts it
     // with the same (cached) norm: weight ← weight / g − s·B·A.

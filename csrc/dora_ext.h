@@ -39,6 +39,16 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor, OptTensor> dor
     const std::optional<at::Tensor>& acc, const std::optional<at::Tensor>& lora_u, double scaling, bool dropout,
     std::array<bool, 6> output_mask);
 
+std::tuple<at::Tensor, at::Tensor> dora_rescale(const at::Tensor& result, const std::optional<at::Tensor>& base,
+                                                const std::optional<at::Tensor>& bias, const at::Tensor& lora_u,
+                                                const at::Tensor& lora_B, const at::Tensor& magnitude,
+                                                const at::Tensor& weight_norm, double scaling);
+
+std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor> dora_rescale_backward(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& lora_u, const at::Tensor& lora_B,
+    const at::Tensor& magnitude, const at::Tensor& weight_norm, const std::optional<at::Tensor>& acc, double scaling,
+    bool has_base, std::array<bool, 5> output_mask);
+
 void merge_(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude,
             const at::Tensor& weight_norm, double scaling);
 
@@ -56,25 +66,30 @@ struct BackwardReduce {
     at::Tensor colsum;          // out: Σ_t δ, [out] accumulation dtype, or undefined
 };
 
-#define DORA_EXT_DECLARE_KERNELS                                                                                     \
-    /* ‖W_j + s·B_j·A‖₂ for every row j, [out] in A's dtype, without an [out, in] temporary. */                    \
-    at::Tensor lowrank_row_norm(const at::Tensor& W, const at::Tensor& A, const at::Tensor& B, double s);          \
-    /* W_j ← c_j·W_j + d_j·s·(B_j·A) in place, without an [out, in] temporary. */                                  \
-    void lowrank_rowscale_(at::Tensor& W, const at::Tensor& c, const at::Tensor& d, const at::Tensor& A,           \
-                           const at::Tensor& B, double s);                                                          \
-    /* out = g ⊙ acc + bias (column-wise). */                                                                       \
-    void epilogue(at::Tensor& out, const at::Tensor& acc, const at::Tensor& g, const at::Tensor& bias);            \
-    /* In place: base ← base + bias + gm1 ⊙ P + g ⊙ s·Q, then P ← P + s·Q (the pre-scale sum backward needs). */    \
-    void epilogue_dropout(at::Tensor& base, at::Tensor& P, const at::Tensor& Q, const at::Tensor& g,               \
-                          const at::Tensor& gm1, const at::Tensor& bias, double s);                                 \
-    void backward_reduce(BackwardReduce& args);
+// One table of function pointers per backend, the same entries in each (cpu/kernels.cpp and cuda/kernels.cu define
+// `kKernels`); host_common.h's kernels_for(t) picks the table of t's device. A new kernel is one entry here and one
+// definition per backend.
+struct Kernels {
+    // ‖W_j + s·B_j·A‖₂ for every row j, [out] in A's dtype, without an [out, in] temporary.
+    at::Tensor (*lowrank_row_norm)(const at::Tensor& W, const at::Tensor& A, const at::Tensor& B, double s);
+    // W_j ← c_j·W_j + d_j·s·(B_j·A) in place, without an [out, in] temporary.
+    void (*lowrank_rowscale_)(at::Tensor& W, const at::Tensor& c, const at::Tensor& d, const at::Tensor& A,
+                              const at::Tensor& B, double s);
+    // out = g ⊙ acc + bias (column-wise); [T, N] with T, N > 0.
+    void (*epilogue)(at::Tensor& out, const at::Tensor& acc, const at::Tensor& g, const at::Tensor& bias);
+    // In place: base ← base + bias + gm1 ⊙ P + g ⊙ s·Q, then P ← P + s·Q (the pre-scale sum backward needs).
+    void (*epilogue_dropout)(at::Tensor& base, at::Tensor& P, const at::Tensor& Q, const at::Tensor& g,
+                             const at::Tensor& gm1, const at::Tensor& bias, double s);
+    // The fused backward pass over δ (BackwardReduce); [T, N] with T, N > 0.
+    void (*backward_reduce)(BackwardReduce& args);
+};
 
 namespace cpu {
-DORA_EXT_DECLARE_KERNELS
+extern const Kernels kKernels;
 }
 #ifdef DORA_EXT_WITH_CUDA
 namespace cuda {
-DORA_EXT_DECLARE_KERNELS
+extern const Kernels kKernels;
 }
 #endif
 

@@ -28,11 +28,12 @@ from .model import (  # noqa: E402
     unload,
 )
 from .modules import DoRALinear  # noqa: E402
+from .peft_variants import patch_peft, peft_patched, unpatch_peft  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
     "DoRALinear", "DoRAConfig", "inject", "add_adapter", "set_adapter", "delete_adapter", "disable_adapters",
     "merge_and_unload", "unload", "dora_layers", "from_peft", "save_adapter", "load_adapter", "adapter_state_dict",
-    "DynamicRankAllocator", "loraplus_param_groups", "create_loraplus_optimizer",
+    "patch_peft", "unpatch_peft", "peft_patched", "DynamicRankAllocator", "loraplus_param_groups", "create_loraplus_optimizer",
     "functional", "layers", "ops", "reference", "__version__",
 ]

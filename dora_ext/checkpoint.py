@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .config import DoRAConfig
 from .layers import DoRALayer, layer_class_for
-from .model import CONFIGS_ATTR, delete_adapter, dora_layers, inject, target_plan, unload
+from .model import CONFIGS_ATTR, adapter_root, delete_adapter, dora_layers, inject, target_plan, unload
 
 __all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -87,6 +87,13 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     outputs (dynamic rank: folded, see adapter_state_dict). EDoRA keeps its own keys (lora_A/lora_B frozen SVD
     factors, lora_R, lora_magnitude_vector) under peft_type "DORA_EXT"; as_dora=True exports it as PEFT DoRA.
     Under torch.distributed every rank must call it (sharded tensors are gathered); rank 0 writes."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():  # checked before anything is written or gathered
+        raise ValueError(f"dora_ext.save_adapter: expected a directory path (new or existing), got {str(path)!r}, "
+                         "which is an existing file")
+    if not dora_layers(model) and adapter_root(model) is not model:
+        raise ValueError("dora_ext.save_adapter: this PeftModel's layers are PEFT's (from_peft keeps them): save it "
+                         "with its own PeftModel.save_pretrained, which writes the same files")
     config = getattr(model, CONFIGS_ATTR, {}).get(adapter_name)
     if isinstance(config, Exception):
         raise ValueError(f"dora_ext.save_adapter: adapter {adapter_name!r} came from a PEFT config dora_ext cannot "
@@ -106,7 +113,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     tensors = {k: v.to("cpu").contiguous() for k, v in state.items()}
     meta = config.to_peft_dict(base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path",
                                                                    None))
-    _write_dir_atomically(Path(path), {
+    _write_dir_atomically(path, {
         WEIGHTS_NAME: lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
         CONFIG_NAME: lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True)),
     })

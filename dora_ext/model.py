@@ -12,7 +12,7 @@ import contextlib
 from torch import nn
 
 from .config import DoRAConfig
-from .layers import DoRALayer, Embedding, conv1d_type, layer_class_for
+from .layers import DoRALayer, conv1d_type, layer_class_for
 
 __all__ = ["inject", "add_adapter", "set_adapter", "delete_adapter", "disable_adapters", "merge_and_unload",
            "unload", "dora_layers", "from_peft", "adapter_root", "target_plan"]
@@ -22,10 +22,11 @@ CONFIGS_ATTR = "dora_ext_configs"
 
 def adapter_root(model: nn.Module) -> nn.Module:
     """The module whose names PEFT's keys use: the wrapped model for a PeftModel, else the model itself."""
-    inner = getattr(getattr(model, "base_model", None), "model", None)
-    if inner is not None and type(model).__name__.startswith("Peft"):
-        return inner
-    return model
+    try:
+        from peft import PeftModel
+    except ImportError:  # peft is optional: without it no model is a PeftModel
+        return model
+    return model.base_model.model if isinstance(model, PeftModel) else model
 
 
 def dora_layers(model: nn.Module) -> dict[str, DoRALayer]:
@@ -181,70 +182,11 @@ def unload(model: nn.Module) -> nn.Module:
 
 # ------------------------------------------------------------------------------------------------- from PEFT
 def from_peft(peft_model: nn.Module) -> nn.Module:
-    """Swap every DoRA layer of a live PeftModel for a dora_ext layer in place, sharing its parameters (same
-    Parameter objects, so an optimizer built before the swap keeps working). Outputs and gradients stay PEFT's
-    up to rounding; PeftModel.save_pretrained keeps working (same state_dict keys). Merged PEFT layers are
-    unmerged first. Layers with a plain-LoRA adapter are refused: a layer computes one kind of adapter here."""
-    try:
-        from peft.tuners.lora import LoraLayer
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError as exc:
-        raise ImportError("dora_ext.from_peft needs peft installed") from exc
-    # PEFT finds its layers with isinstance(m, BaseTunerLayer) (saving, set_adapter, disabling, merging); an
-    # unregistered layer would make PeftModel.save_pretrained silently write an empty adapter.
-    BaseTunerLayer.register(DoRALayer)
-    root = adapter_root(peft_model)
-    found = {name: mod for name, mod in root.named_modules() if isinstance(mod, LoraLayer)}
-    if not found:
-        raise ValueError("dora_ext.from_peft: no PEFT LoRA layers in this model")
-    for name, mod in found.items():
-        names = list(mod.r)
-        plain = [a for a in names if not mod.use_dora.get(a, False)]
-        if plain:
-            raise ValueError(f"dora_ext.from_peft: layer {name!r} has non-DoRA adapter(s) {plain}; only DoRA "
-                             "adapters convert")
-        if layer_class_for(mod.base_layer) is None:
-            raise ValueError(f"dora_ext.from_peft: layer {name!r} wraps a {type(mod.base_layer).__name__}, which "
-                             "dora_ext does not support")
-    configs = {}  # parsed first: nothing is swapped if this raises
-    for adapter, cfg in getattr(peft_model, "peft_config", {}).items():
-        try:
-            configs[adapter] = DoRAConfig.from_peft_dict(_config_dict(cfg), f"peft_config[{adapter!r}]")
-        except ValueError as exc:  # e.g. modules_to_save: the layers convert, save_adapter will refuse (says why)
-            configs[adapter] = exc
-    for name, mod in found.items():
-        if mod.merged:
-            mod.unmerge()
-        layer = _wrap(mod.base_layer)
-        _adopt(layer, mod)
-        _set_submodule(root, name, layer)
-    setattr(peft_model, CONFIGS_ATTR, configs)
-    return peft_model
+    """Make a live PeftModel's DoRA adapters run dora_ext's fused kernels, in place, and keep every PeftModel method
+    working: the layers stay PEFT's own (peft_variants.py: dora_ext's arithmetic as PEFT LoRA variants), so
+    parameters, state_dict keys, save_pretrained, load_adapter/add_adapter (new DoRA adapters are fused too),
+    set_adapter, delete_adapter, disable_adapter, merging and `adapter_names` batches are PEFT's. Plain LoRA
+    adapters stay PEFT's LoRA. Returns the model."""
+    from .peft_variants import convert_peft_model
 
-
-def _adopt(layer: DoRALayer, peft_layer: nn.Module) -> None:
-    """Point `layer` at peft_layer's adapter tensors and state (no copies)."""
-    from .layers import Magnitude
-
-    if isinstance(layer, Embedding):
-        layer.lora_embedding_A = peft_layer.lora_embedding_A
-        layer.lora_embedding_B = peft_layer.lora_embedding_B
-    else:
-        layer.lora_A = peft_layer.lora_A
-        layer.lora_B = peft_layer.lora_B
-    layer.lora_dropout = peft_layer.lora_dropout
-    for a, dora in peft_layer.lora_magnitude_vector.items():
-        layer.lora_magnitude_vector[a] = Magnitude(dora.weight)
-    layer.r, layer.lora_alpha = dict(peft_layer.r), dict(peft_layer.lora_alpha)
-    layer.scaling, layer.use_rslora = dict(peft_layer.scaling), dict(peft_layer.use_rslora)
-    layer.variant = {a: "dora" for a in peft_layer.r}  # from_peft converts DoRA adapters only
-    layer.dynamic = {a: False for a in peft_layer.r}
-    layer.active_adapters = list(peft_layer.active_adapters)
-    layer.disable_adapters = bool(peft_layer.disable_adapters)
-    layer.train(peft_layer.training)
-
-
-def _config_dict(cfg) -> dict:
-    d = cfg.to_dict()
-    d["peft_type"] = "LORA" if str(d.get("peft_type")).endswith("LORA") else d.get("peft_type")
-    return d
+    return convert_peft_model(peft_model)

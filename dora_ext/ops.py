@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["weight_norm", "dora_linear", "merge_", "unmerge_", "NORM_EPS"]
+__all__ = ["weight_norm", "dora_linear", "dora_rescale", "merge_", "unmerge_", "NORM_EPS", "accum_dtype"]
 
 _ops = torch.ops.dora_ext
 
@@ -41,8 +41,14 @@ def weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) 
         return _ops.weight_norm(weight, lora_A, lora_B, float(scaling))
 
 
+def accum_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """The one rule for reductions (norms, gains, magnitude gradients): float64 if any of the given inputs is
+    float64, else float32 (csrc/host_common.h: accum_dtype is the same rule in C++)."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def _norm_dtype(weight: Tensor, lora_A: Tensor) -> torch.dtype:
-    return torch.float64 if torch.float64 in (weight.dtype, lora_A.dtype) else torch.float32
+    return accum_dtype(weight, lora_A)
 
 
 @torch.library.register_fake("dora_ext::weight_norm")
@@ -158,6 +164,80 @@ def _(grad_out, x_src, weight, lora_A, lora_B, magnitude, weight_norm, acc, lora
         torch.empty_like(lora_B) if need_B else None,
         torch.empty_like(magnitude) if need_m else None,
         grad_out.new_empty((weight.shape[0],)) if need_bias else None,
+    )
+
+
+# --------------------------------------------------------------------------------------------------- dora_rescale
+def dora_rescale(result: Tensor, lora_u: Tensor, lora_B: Tensor, magnitude: Tensor, weight_norm: Tensor,
+                 scaling: float, *, bias: Tensor | None = None, base: Tensor | None = None) -> Tensor:
+    """The DoRA update of a base layer's output computed elsewhere (what a PEFT LoRA variant receives); returns a
+    new tensor of result's shape and dtype, g = magnitude / max(weight_norm, NORM_EPS), lora_u = x Aᵀ [..., r]:
+
+    base None:     g ⊙ (result − bias + s·lora_u Bᵀ) + bias       (eval, or no dropout; bias: the base layer's)
+    base = x_d Wᵀ: result + (g−1) ⊙ base + g ⊙ s·lora_u Bᵀ         (training with dropout; bias must be None)
+
+    Gradients flow to result, base, lora_u, lora_B and magnitude; the GEMMs producing result, base and lora_u stay
+    the caller's (and autograd's)."""
+    with autocast_off(result):
+        out, _ = _ops.dora_rescale(result, base, bias, lora_u, lora_B, magnitude, weight_norm, float(scaling))
+    return out
+
+
+@torch.library.register_fake("dora_ext::dora_rescale")
+def _(result, base, bias, lora_u, lora_B, magnitude, weight_norm, scaling):
+    torch._check(
+        result.shape[-1] == lora_B.shape[0],
+        lambda: f"dora_ext::dora_rescale: expected result of shape [..., {lora_B.shape[0]}], got {tuple(result.shape)}",
+    )
+    return torch.empty_like(result, memory_format=torch.contiguous_format), \
+        result.new_empty((math.prod(result.shape[:-1]), lora_B.shape[0]))
+
+
+def _dora_rescale_setup(ctx, inputs, output):
+    result, base, bias, lora_u, lora_B, magnitude, weight_norm, scaling = inputs
+    _, acc = output
+    ctx.mark_non_differentiable(acc)
+    ctx.set_materialize_grads(False)
+    need = ctx.needs_input_grad
+    if need[2]:
+        raise ValueError("dora_ext::dora_rescale: expected a frozen bias (requires_grad=False), got one that "
+                         "requires grad")
+    ctx.scaling = scaling
+    ctx.has_base = base is not None
+    # (result, base, lora_u, lora_B, magnitude), the order of dora_rescale_backward's output_mask
+    ctx.mask = [need[0], need[1], need[3], need[4], need[5]]
+    ctx.save_for_backward(lora_u if need[4] else None, lora_B, magnitude, weight_norm, acc if need[5] else None)
+
+
+def _dora_rescale_backward(ctx, grad_out, _grad_acc):
+    if grad_out is None:
+        return (None,) * 8
+    lora_u, lora_B, magnitude, weight_norm, acc = ctx.saved_tensors
+    if lora_u is not None:
+        lora_u = lora_u.reshape(-1, lora_u.shape[-1])  # [T, r], as the op's acc
+    need_result, need_base, need_u, need_B, need_m = ctx.mask
+    # With base, d out / d result is the identity: result's gradient is grad_out itself, no kernel needed.
+    mask = [need_result and not ctx.has_base, need_base, need_u, need_B, need_m]
+    with autocast_off(grad_out):
+        g_result, g_base, g_u, g_B, g_m = _ops.dora_rescale_backward(
+            grad_out, lora_u, lora_B, magnitude, weight_norm, acc, ctx.scaling, ctx.has_base, mask)
+    if need_result and ctx.has_base:
+        g_result = grad_out
+    return g_result, g_base, None, g_u, g_B, g_m, None, None
+
+
+torch.library.register_autograd("dora_ext::dora_rescale", _dora_rescale_backward, setup_context=_dora_rescale_setup)
+
+
+@torch.library.register_fake("dora_ext::dora_rescale_backward")
+def _(grad_out, lora_u, lora_B, magnitude, weight_norm, acc, scaling, has_base, output_mask):
+    need_result, need_base, need_u, need_B, need_m = output_mask
+    return (
+        torch.empty_like(grad_out) if need_result else None,
+        torch.empty_like(grad_out) if need_base else None,
+        grad_out.new_empty((*grad_out.shape[:-1], lora_B.shape[1])) if need_u else None,
+        torch.empty_like(lora_B) if need_B else None,
+        torch.empty_like(magnitude) if need_m else None,
     )
 
 

@@ -250,4 +250,6 @@ void backward_reduce(BackwardReduce& r) {
     });
 }
 
+const Kernels kKernels{&lowrank_row_norm, &lowrank_rowscale_, &epilogue, &epilogue_dropout, &backward_reduce};
+
 }  // namespace dora_ext::cuda

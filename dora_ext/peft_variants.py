@@ -1,0 +1,278 @@
+"""dora_ext inside PEFT's own LoRA layers: fused DoRA arithmetic as PEFT 0.21 LoRA variants.
+
+PEFT 0.21 computes every LoRA variant through one small interface (`peft.tuners.lora.layer.LoraVariant`): a layer
+resolves each adapter's variant once (`LoraLayer.resolve_lora_variant`, from the layer class's `lora_variants` table,
+`("use_dora",) → DoraLinearVariant` for Linear/Conv1D, `DoraEmbeddingVariant`, `DoraConv{1,2,3}dVariant`; the
+bitsandbytes, HQQ and GPTQ layers override the method and return `DoraLinearVariant()` themselves) and then calls
+`variant.forward(module, active_adapter, x, result)` with `result = base_layer(x)` already computed, from the plain
+forward and from `_mixed_batch_forward` alike.
+
+The variants here subclass PEFT's DoRA variants and replace only `forward`: the same parameters, the same
+`lora_magnitude_vector` modules, PEFT's init and PEFT's merge/unmerge (one-off, dense, bit-compatible), but the
+per-step work is fused: the weight norm is `ops.weight_norm` (one streaming pass over W, no [out, in] ΔW and no
+copy of W, which is what makes PEFT's DoRA slow and large), and for Linear/Conv1D the whole DoRA update of
+`result` is one op (`ops.dora_rescale`: one elementwise pass forward, one fused reduction backward). Because the
+layers stay PEFT's, every PeftModel method (add/load/set/delete adapters, merging, saving, `adapter_names`
+batches, FSDP wrapping) sees exactly the objects it expects.
+
+Two ways in, both reversible:
+  * `convert_peft_model(model)` (what `dora_ext.from_peft` does): this model's DoRA adapters, and the ones later
+    added to its layers, run fused; other models are untouched.
+  * `patch_peft()` / `unpatch_peft()` (or `with peft_patched():`): every DoRA layer PEFT creates from then on is
+    fused, for code that builds the PeftModel itself (`get_peft_model`, TRL's `SFTTrainer(peft_config=...)`).
+
+The variant API is private to PEFT ("prone to change"): it is pinned to the range tested here (`PEFT_TESTED`) and
+refused outside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import ops
+from .functional import eval_norm
+
+__all__ = ["convert_peft_model", "patch_peft", "unpatch_peft", "peft_patched", "is_fused", "PEFT_TESTED"]
+
+#: PEFT versions whose LoraVariant API this module was written against and tested with (>= first, < second).
+PEFT_TESTED = ("0.21.0", "0.22.0")
+
+
+def _peft():
+    """PEFT's lora layer and variant modules, after checking the version (the variant API is private)."""
+    try:
+        import peft
+        from peft.tuners.lora import layer as lora_layer
+        from peft.tuners.lora import variants as lora_variants
+    except ImportError as exc:
+        raise ImportError("dora_ext: the PEFT integration needs peft installed (pip install 'peft==0.21.0')") from exc
+    from packaging.version import Version
+
+    low, high = PEFT_TESTED
+    if not Version(low) <= Version(peft.__version__) < Version(high):
+        raise RuntimeError(f"dora_ext: the PEFT integration uses PEFT's private LoraVariant API and is tested with "
+                           f"peft >= {low}, < {high}; got peft {peft.__version__}")
+    return lora_layer, lora_variants
+
+
+# ------------------------------------------------------------------------------------------------ the norm
+def _norm_cache(module: nn.Module) -> dict:
+    """The layer's eval-time norm cache (one [out] fp32 vector per adapter, keyed on tensor versions: see
+    functional.eval_norm). Kept in the instance __dict__, outside the state_dict, like PEFT's own `_caches`."""
+    return module.__dict__.setdefault("_dora_ext_norms", {})
+
+
+def _weight_norm(module: nn.Module, adapter: str, weight2d: Tensor, A2d: Tensor, B2d: Tensor, scaling: float):
+    """‖W + s·B·A‖ per output row, fused; in eval reused until W, A, B or the scaling change."""
+    compute = lambda: ops.weight_norm(weight2d, A2d, B2d, scaling)  # noqa: E731
+    norm = eval_norm(_norm_cache(module), adapter, (weight2d, A2d, B2d), scaling, module.training, compute)
+    return compute() if norm is None else norm
+
+
+def _dropout_active(module: nn.Module, adapter: str) -> bool:
+    return module.training and not isinstance(module.lora_dropout[adapter], nn.Identity)
+
+
+# --------------------------------------------------------------------------------------------- the variants
+def _variant_classes():
+    """(fused Linear, Embedding, Conv variants), defined on first use so importing dora_ext needs no PEFT."""
+    if _VARIANTS:
+        return _VARIANTS
+    lora_layer, pv = _peft()
+    from peft.utils.integrations import dequantize_module_weight
+    from peft.utils.other import transpose
+
+    class FusedDoraLinearVariant(pv.DoraLinearVariant):
+        """PEFT's DoraLinearVariant (nn.Linear, transformers Conv1D, and the quantized layers that dequantize)
+        with a fused forward: y = g ⊙ (result − b + s·(x Aᵀ) Bᵀ) + b, or PEFT's dropout form."""
+
+        @staticmethod
+        def forward(module, active_adapter, x, result, **kwargs):
+            a = active_adapter
+            lora_A, lora_B = module.lora_A[a], module.lora_B[a]
+            base_layer = module.get_base_layer()
+            bias = getattr(base_layer, "bias", None)
+            if (module.lora_bias.get(a, False) or module.ephemeral_gpu_offload
+                    or (bias is not None and bias.requires_grad) or lora_B.weight.device != result.device):
+                # lora_B with a bias, offloaded adapters or a trainable base bias: PEFT's own arithmetic
+                return pv.DoraLinearVariant.forward(module, a, x, result, **kwargs)
+            weight = transpose(dequantize_module_weight(base_layer), module.fan_in_fan_out)  # [out, in] (a view)
+            scaling = module.scaling[a]
+            norm = _weight_norm(module, a, weight, lora_A.weight, lora_B.weight, scaling)
+            magnitude = module.lora_magnitude_vector[a].weight
+            dtype = torch.promote_types(result.dtype, x.dtype)  # as PEFT: result + (fp32 DoRA term)
+            if _dropout_active(module, a):
+                x = module.lora_dropout[a](x)
+                base = F.linear(x, weight.to(x.dtype)).to(dtype)  # W·x_d, no bias: PEFT recomputes it too
+                return ops.dora_rescale(result.to(dtype), lora_A(x).to(dtype), lora_B.weight, magnitude, norm,
+                                        scaling, base=base)
+            return ops.dora_rescale(result.to(dtype), lora_A(x).to(dtype), lora_B.weight, magnitude, norm, scaling,
+                                    bias=None if bias is None else bias.to(dtype))
+
+    class FusedDoraEmbeddingVariant(pv.DoraEmbeddingVariant):
+        """PEFT's DoraEmbeddingVariant with the fused norm (over the vocabulary, one gain per embedding dim)."""
+
+        @staticmethod
+        def forward(module, active_adapter, x, result, **kwargs):
+            a = active_adapter
+            A, B = module.lora_embedding_A[a], module.lora_embedding_B[a]  # [r, vocab], [dim, r]
+            scaling = module.scaling[a]
+            norm = _weight_norm(module, a, module.get_base_layer().weight.T, A, B, scaling)
+            magnitude = module.lora_magnitude_vector[a].weight
+            g = magnitude / norm.clamp_min(ops.NORM_EPS).to(magnitude.dtype)
+            lora = g * (module._embed(x, A.T) @ B.T) * scaling
+            embed_scale = module._get_embed_scale()
+            if embed_scale is not None:  # after the norm, as PEFT (huggingface/peft#2839)
+                lora = lora * embed_scale.to(lora.dtype)
+            return g * result + lora
+
+    class FusedDoraConvNdVariant(pv._DoraConvNdVariant):
+        """PEFT's DoRA conv variant with the fused norm per output channel (groups = 1; grouped convolutions keep
+        PEFT's dense norm, as the reshape of B·A to W's shape only holds per group there)."""
+
+        @staticmethod
+        def forward(module, active_adapter, x, result, **kwargs):
+            a = active_adapter
+            base_layer = module.get_base_layer()
+            if base_layer.groups > 1 or module.lora_bias.get(a, False):
+                return pv._DoraConvNdVariant.forward(module, a, x, result, **kwargs)
+            lora_A, lora_B = module.lora_A[a], module.lora_B[a]
+            weight, scaling = base_layer.weight, module.scaling[a]
+            r = lora_A.weight.shape[0]
+            norm = _weight_norm(module, a, weight.view(weight.shape[0], -1), lora_A.weight.view(r, -1),
+                                lora_B.weight.view(-1, r), scaling)
+            view = (1, -1) + (1,) * (result.dim() - 2)
+            magnitude = module.lora_magnitude_vector[a].weight  # [1, C_out, 1…]
+            g = magnitude / norm.clamp_min(ops.NORM_EPS).to(magnitude.dtype).view(view)
+            if _dropout_active(module, a):
+                x = module.lora_dropout[a](x)
+                base = module.lora_magnitude_vector[a].conv_fn(  # W * x_d without bias, as PEFT
+                    x, weight, bias=None, stride=base_layer.stride, padding=base_layer.padding,
+                    dilation=base_layer.dilation, groups=base_layer.groups)
+            else:
+                base = result if base_layer.bias is None else result - base_layer.bias.view(view)
+            return result + (g - 1) * base + g * lora_B(lora_A(x)) * scaling
+
+    table = {pv.DoraLinearVariant: FusedDoraLinearVariant, pv.DoraEmbeddingVariant: FusedDoraEmbeddingVariant}
+    for name in ("DoraConv1dVariant", "DoraConv2dVariant", "DoraConv3dVariant"):  # PEFT's init per conv kind
+        peft_cls = getattr(pv, name)
+        table[peft_cls] = type("Fused" + name, (FusedDoraConvNdVariant, peft_cls), {"__module__": __name__})
+    for cls in table.values():
+        cls.__module__, cls.__qualname__ = __name__, cls.__name__
+        setattr(sys.modules[__name__], cls.__name__, cls)  # importable by name: pickling, deepcopy
+    _VARIANTS.update(table)
+    return _VARIANTS
+
+
+_VARIANTS: dict[type, type] = {}  # PEFT's DoRA variant class -> ours
+
+
+def _fused(variant):
+    """The fused counterpart of a PEFT variant instance (or the variant itself: LoRA, other variants, ours)."""
+    cls = _variant_classes().get(type(variant))
+    return variant if cls is None else cls()
+
+
+def is_fused(layer: nn.Module, adapter: str) -> bool:
+    """Whether adapter `adapter` of PEFT layer `layer` runs dora_ext's fused arithmetic."""
+    return type(layer.lora_variant.get(adapter)) in set(_variant_classes().values())
+
+
+# ------------------------------------------------------------------------------ per model: fused layer classes
+class _FusedResolve:
+    """Mixin for a PEFT LoRA layer class: adapters added later (add_adapter, load_adapter, a second
+    get_peft_model call) resolve to the fused variants too."""
+
+    def resolve_lora_variant(self, *, config, **kwargs):
+        return _fused(super().resolve_lora_variant(config=config, **kwargs))
+
+
+_FUSED_LAYER_CLASSES: dict[type, type] = {}
+
+
+def _fused_layer_class(cls: type) -> type:
+    if issubclass(cls, _FusedResolve):
+        return cls
+    if cls not in _FUSED_LAYER_CLASSES:
+        name = f"Fused{cls.__name__}"
+        new = type(name, (_FusedResolve, cls), {"__module__": __name__, "__qualname__": name})
+        # repr stays PEFT's ("lora.Linear(...)"); the class is importable by name for pickling
+        setattr(sys.modules[__name__], name, new)
+        _FUSED_LAYER_CLASSES[cls] = new
+    return _FUSED_LAYER_CLASSES[cls]
+
+
+def convert_peft_model(model: nn.Module) -> nn.Module:
+    """Make every DoRA adapter of a live PeftModel (or any model holding PEFT LoRA layers) run fused, in place, and
+    the adapters later added to those layers too. Nothing is copied or re-created: same modules, same Parameter
+    objects (optimizers keep working), same state_dict keys, and every PeftModel method keeps working. Plain LoRA
+    adapters stay PEFT's (LoRA already runs at LoRA's speed). Returns the model."""
+    lora_layer, _ = _peft()
+    layers = [m for m in model.modules() if isinstance(m, lora_layer.LoraLayer)]
+    if not layers:
+        raise ValueError("dora_ext.from_peft: no PEFT LoRA layers in this model")
+    for layer in layers:
+        layer.__class__ = _fused_layer_class(type(layer))
+        for name, variant in list(layer.lora_variant.items()):
+            layer.lora_variant[name] = _fused(variant)
+    return model
+
+
+# ----------------------------------------------------------------------------------- global: patch PEFT itself
+_PATCHED: dict[type, object] = {}  # class -> its own resolve_lora_variant before patching
+
+
+def _resolving_classes(lora_layer) -> list[type]:
+    """LoraLayer and every loaded subclass that defines its own resolve_lora_variant (bnb, HQQ, GPTQ layers)."""
+    seen, stack, out = set(), [lora_layer.LoraLayer], []
+    while stack:
+        cls = stack.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        if "resolve_lora_variant" in cls.__dict__ and not issubclass(cls, _FusedResolve):
+            out.append(cls)
+        stack.extend(cls.__subclasses__())
+    return out
+
+
+def patch_peft() -> None:
+    """From now on every DoRA adapter PEFT creates (get_peft_model, PeftModel.from_pretrained, add_adapter,
+    trainers that build the PeftModel themselves) runs fused. Layers created before keep what they have
+    (convert those with from_peft). Idempotent; undo with unpatch_peft()."""
+    lora_layer, _ = _peft()
+    _variant_classes()
+    for cls in _resolving_classes(lora_layer):
+        if cls in _PATCHED:
+            continue
+        original = cls.__dict__["resolve_lora_variant"]
+
+        def resolve(self, *, config, _original=original, **kwargs):
+            return _fused(_original(self, config=config, **kwargs))
+
+        _PATCHED[cls] = original
+        cls.resolve_lora_variant = resolve
+
+
+def unpatch_peft() -> None:
+    """Undo patch_peft(): PEFT creates its own DoRA variants again (existing layers keep theirs)."""
+    while _PATCHED:
+        cls, original = _PATCHED.popitem()
+        cls.resolve_lora_variant = original
+
+
+@contextlib.contextmanager
+def peft_patched():
+    """patch_peft() for the duration of a with-block (restores the previous state, patched or not)."""
+    was = bool(_PATCHED)
+    patch_peft()
+    try:
+        yield
+    finally:
+        if not was:
+            unpatch_peft()
