@@ -19,6 +19,7 @@ from setuptools import find_packages, setup
 
 try:
     import torch
+    from torch.utils import cpp_extension
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 except ImportError as exc:  # pragma: no cover - only hit on a machine without torch
     raise SystemExit(
@@ -31,20 +32,48 @@ DEFAULT_ARCHS = "8.0;9.0+PTX"
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def is_toolkit(path) -> bool:
+    """A CUDA toolkit we can compile and link with: nvcc, the runtime headers and libcudart."""
+    if not path:
+        return False
+    libs = [os.path.join(path, d, "libcudart.so") for d in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib"))]
+    return (os.path.exists(os.path.join(path, "bin", "nvcc")) and os.path.exists(os.path.join(path, "include", "cuda_runtime.h"))
+            and any(os.path.exists(lib) for lib in libs))
+
+
+def find_cuda_home():
+    """The toolkit to build with. torch infers CUDA_HOME from `nvcc` on PATH; a wrapper script there (e.g.
+    /usr/local/bin/nvcc calling /usr/local/cuda-13.0/bin/nvcc) makes it guess /usr/local, which has no libcudart,
+    and the link fails only after ~100 s of compiling. So each candidate is checked for nvcc, headers and
+    libcudart before anything compiles."""
+    explicit = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if explicit:
+        return explicit if is_toolkit(explicit) else None
+    candidates = [CUDA_HOME, "/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    return next((c for c in candidates if is_toolkit(c)), None)
+
+
 def cuda_requested() -> bool:
     mode = os.environ.get("DORA_EXT_CUDA", "auto").strip().lower()
     if mode not in ("auto", "0", "1"):
         raise SystemExit(f"DORA_EXT_CUDA must be auto, 1 or 0, got {mode!r}")
     if mode == "0":
         return False
-    possible = torch.version.cuda is not None and CUDA_HOME is not None
-    if mode == "1" and not possible:
-        raise SystemExit(
-            "DORA_EXT_CUDA=1 but the CUDA kernels cannot be built: "
-            f"torch {torch.__version__} is {'a CUDA' if torch.version.cuda else 'a CPU-only'} build and "
-            f"CUDA_HOME is {CUDA_HOME!r}. Install a CUDA build of torch and set CUDA_HOME."
-        )
-    return possible
+    home = find_cuda_home() if torch.version.cuda is not None else None
+    if home is None:
+        why = (f"torch {torch.__version__} is a CPU-only build" if torch.version.cuda is None else
+               f"no usable CUDA toolkit (nvcc, include/cuda_runtime.h and libcudart.so) at CUDA_HOME="
+               f"{os.environ.get('CUDA_HOME') or os.environ.get('CUDA_PATH') or CUDA_HOME!r} or /usr/local/cuda*")
+        if mode == "1":
+            raise SystemExit(f"DORA_EXT_CUDA=1 but the CUDA kernels cannot be built: {why}. Install a CUDA build of "
+                             "torch and set CUDA_HOME to the toolkit (e.g. CUDA_HOME=/usr/local/cuda).")
+        print(f"dora_ext: building CPU-only kernels: {why} (set CUDA_HOME, or DORA_EXT_CUDA=0 to silence this)")
+        return False
+    # torch's build helpers read their module-level CUDA_HOME (nvcc, include and library paths)
+    cpp_extension.CUDA_HOME = home
+    os.environ["CUDA_HOME"] = home
+    print(f"dora_ext: CUDA toolkit {home}")
+    return True
 
 
 def nvidia_wheel_includes() -> list[str]:

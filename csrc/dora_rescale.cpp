@@ -30,7 +30,7 @@ std::tuple<at::Tensor, at::Tensor> dora_rescale(const at::Tensor& result, const 
     check_same_device(op, "lora_B", lora_B, result, "result");
     check_activation(op, "lora_u", lora_u, result, r, "the rank of lora_B", "result");
     DORA_CHECK(op, lora_u.sizes().slice(0, lora_u.dim() - 1) == result.sizes().slice(0, result.dim() - 1),
-               "expected lora_u of shape ", c10::str(with_last_dim(result.sizes(), r)), " (result's leading dims), got ",
+               "expected lora_u of shape ", c10::str(at::IntArrayRef(with_last_dim(result.sizes(), r))), " (result's leading dims), got ",
                shape_str(lora_u));
     if (base) {
         check_activation(op, "base", *base, result, out_f, "out_features of lora_B", "result");

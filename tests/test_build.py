@@ -42,3 +42,27 @@ def test_import_in_a_fresh_interpreter():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "dora_linear" in result.stdout
+
+
+def test_setup_checks_the_cuda_toolkit_before_compiling(tmp_path):
+    """A CUDA_HOME without libcudart (what torch infers from an nvcc wrapper in /usr/local/bin) must stop at once
+    with a message naming CUDA_HOME, not after compiling; `auto` falls back to a CPU-only build instead."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    fake = tmp_path / "fake_cuda"
+    (fake / "bin").mkdir(parents=True)
+    (fake / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    root = Path(__file__).resolve().parents[1]
+
+    def run(mode):
+        env = dict(os.environ, CUDA_HOME=str(fake), DORA_EXT_CUDA=mode)
+        return subprocess.run([sys.executable, "setup.py", "--name"], cwd=root, env=env, capture_output=True,
+                              text=True, timeout=120)
+
+    strict = run("1")
+    assert strict.returncode != 0 and "CUDA_HOME" in strict.stderr + strict.stdout and "libcudart" in strict.stderr
+    auto = run("auto")
+    assert auto.returncode == 0 and "building CPU-only kernels" in auto.stdout

@@ -50,3 +50,33 @@ def test_merge_ops(device, op):
     _, W, _, A, B, m = make_dora_inputs(12, 10, 3, device=device)
     norm = ops.weight_norm(W, A, B, 1.5)
     torch.library.opcheck(getattr(_ops, op), (W.clone(), A, B, m, norm, 1.5))
+
+
+def dora_rescale_samples(device, requires_grad):
+    x, W, b, A, B, m = make_dora_inputs(12, 10, 3, device=device, lead=(2, 4), requires_grad=requires_grad)
+    norm = ops.weight_norm(W, A, B, 1.5)
+    result = torch.nn.functional.linear(x, W, b)
+    u = x @ A.T
+    base = torch.nn.functional.linear(x * 0.5, W)
+    yield (result, None, b, u, B, m, norm, 1.5)
+    yield (result, None, None, u, B, m, norm, 1.5)
+    yield (result, base, None, u, B, m, norm, 1.5)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_dora_rescale(device, requires_grad):
+    for args in dora_rescale_samples(device, requires_grad):
+        torch.library.opcheck(_ops.dora_rescale, args)
+
+
+@pytest.mark.parametrize("has_base", [False, True])
+def test_dora_rescale_backward(device, has_base):
+    x, W, b, A, B, m = make_dora_inputs(12, 10, 3, device=device, lead=(2, 4))
+    norm = ops.weight_norm(W, A, B, 1.5)
+    u = x @ A.T
+    base = torch.nn.functional.linear(x, W) if has_base else None
+    _, acc = _ops.dora_rescale(torch.nn.functional.linear(x, W, b), base, None if has_base else b, u, B, m, norm, 1.5)
+    u = u.reshape(8, 3)  # the backward takes the [T, r] rows, as acc
+    grad = torch.randn(2, 4, 10, device=device)
+    for mask in ([not has_base, has_base, True, True, True], [False, False, False, False, True]):
+        torch.library.opcheck(_ops.dora_rescale_backward, (grad, u, B, m, norm, acc, 1.5, has_base, mask))
