@@ -28,11 +28,10 @@ from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "tests"))  # real_models.py: the offline MiniLM loader shared with the tests
 import dora_ext  # noqa: E402
 import docstring_topics  # noqa: E402
 from dora_ext.memory import peak_memory  # noqa: E402
-from real_models import load_minilm, minilm_dir  # noqa: E402
+from offline_models import load_minilm, minilm_dir  # noqa: E402
 
 TARGETS = ["query", "key", "value", "dense"]
 EXCLUDE = ["pooler.dense"]  # unused by mean pooling
@@ -111,7 +110,7 @@ def train(name: str, spec: dict, model: Classifier, train_data, steps: int, devi
     allocator = dora_ext.DynamicRankAllocator(model.encoder, total_steps=steps, optimizer=optimizer,
                                               regularization=0.1) if spec.get("dynamic") else None
     loss_fn = nn.CrossEntropyLoss()
-    losses, times = [], []
+    losses = []
     gen = torch.Generator().manual_seed(1)  # the same data order for every method
     order = []
     model.train()
@@ -120,7 +119,6 @@ def train(name: str, spec: dict, model: Classifier, train_data, steps: int, devi
         if not order:
             order = torch.randperm(len(train_data), generator=gen).tolist()
         ids, mask, y = train_data[order.pop()]
-        start = time.perf_counter()
         loss = loss_fn(model(ids, mask), y)
         total = loss + allocator.regularization_loss() if allocator else loss
         total.backward()
@@ -129,18 +127,16 @@ def train(name: str, spec: dict, model: Classifier, train_data, steps: int, devi
         optimizer.zero_grad(set_to_none=True)
         if allocator:
             allocator.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{statistics.fmean(losses[-10:]):.3f}")
     if allocator:
         allocator.finalize()
-    return losses, times, optimizer
+    return losses, optimizer
 
 
 def plain_step(model: nn.Module, optimizer, batch) -> None:
-    """One training step without schedule or allocator: what the memory probe and PEFT's timing run."""
+    """One training step without schedule or allocator: what the timing and the memory probe run, for every
+    method and for PEFT alike."""
     ids, mask, y = batch
     nn.functional.cross_entropy(model(ids, mask), y).backward()
     optimizer.step()
@@ -151,23 +147,36 @@ def step_peak_mib(model: nn.Module, optimizer, batch, device) -> float:
     return peak_memory(lambda: plain_step(model, optimizer, batch), device)[1] / 2**20
 
 
-def peft_dora_step_ms(encoder, classes, train_data, r, device, reps: int) -> float:
-    """PEFT 0.21's DoRA on the same model and batches, for comparison (timed steps only, no full training)."""
+def peft_models(encoder, classes, r, seed) -> dict[str, tuple[nn.Module, object]]:
+    """PEFT 0.21's own LoRA and DoRA on the same encoder, targets and init seed, for the like-for-like timing."""
     import peft
 
-    torch.manual_seed(0)
-    model = Classifier(peft.get_peft_model(copy.deepcopy(encoder), peft.LoraConfig(
-        r=r, lora_alpha=2 * r, use_dora=True, target_modules=TARGETS, exclude_modules=EXCLUDE)), classes).to(device)
-    model.head.requires_grad_(True)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    times = []
-    for i in range(reps + 2):
-        start = time.perf_counter()
-        plain_step(model, optimizer, train_data[i % len(train_data)])
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times[2:])
+    out = {}
+    for name, dora in (("PEFT LoRA", False), ("PEFT DoRA", True)):
+        torch.manual_seed(seed)
+        model = Classifier(peft.get_peft_model(copy.deepcopy(encoder), peft.LoraConfig(
+            r=r, lora_alpha=2 * r, use_dora=dora, target_modules=TARGETS, exclude_modules=EXCLUDE)), classes)
+        model.head.requires_grad_(True)
+        out[name] = (model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3))
+    return out
+
+
+def interleaved_step_ms(entries: dict[str, tuple[nn.Module, object]], train_data, device, rounds: int):
+    """Median ms of plain_step for every entry on the same batches, timed round-robin (one step of each per round,
+    the same batch within a round), so a shared machine's drifts hit all alike and no one gets easier batches."""
+    gen = torch.Generator().manual_seed(2)
+    picks = torch.randint(0, len(train_data), (rounds + 2,), generator=gen).tolist()
+    times = {name: [] for name in entries}
+    for i, pick in enumerate(picks):
+        for name, (model, optimizer) in entries.items():
+            model.train()
+            start = time.perf_counter()
+            plain_step(model, optimizer, train_data[pick])
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= 2:  # two warm-up rounds
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def plot(curves: dict[str, list[float]], path: Path) -> None:
@@ -210,24 +219,31 @@ def run(args) -> dict:
         model = build(spec, encoder, len(topics), args.seed).to(device)
         trainable = sum(p.numel() for p in model.encoder.parameters() if p.requires_grad)
         before = accuracy(predict(model, test_data), test_data)
-        losses, times, optimizer = train(name, spec, model, train_data, args.steps, device, not args.no_progress)
+        losses, optimizer = train(name, spec, model, train_data, args.steps, device, not args.no_progress)
         after = accuracy(predict(model, test_data), test_data)
-        peak = step_peak_mib(model, optimizer, train_data[0], device)
         ranks = sorted({layer.r["default"] for layer in dora_ext.dora_layers(model.encoder).values()})
         rows.append({"method": name, "trainable_adapter_params": trainable, "lr": spec["lr"],
-                     "acc_before": round(before, 4), "acc_after": round(after, 4),
-                     "step_ms": round(statistics.median(times[min(5, len(times) - 1):]), 1),
-                     "peak_step_mib": round(peak, 1), "final_ranks": ranks})
-        curves[name], models[name] = losses, model
-    peft_ms = peft_dora_step_ms(encoder, len(topics), train_data, args.r, device, args.peft_reps)
-    for row in rows:
-        row["peft_dora_step_ms"] = round(peft_ms, 1)
+                     "acc_before": round(before, 4), "acc_after": round(after, 4), "final_ranks": ranks})
+        curves[name], models[name] = losses, (model, optimizer)
     best = max(rows, key=lambda r: r["acc_after"])["method"]
-    merged_check = check_merge(models[best], test_data, out / "best_adapter")
+    merged_check = check_merge(models[best][0], test_data, out / "best_adapter")
+    # Speed and memory, like for like: every trained model and PEFT's LoRA and DoRA on the same model run the same
+    # step (no schedule, no allocator) on the same batches, interleaved. Timed after training and evaluation.
+    entries = {**models, **peft_models(encoder, len(topics), args.r, args.seed)}
+    entries = {name: (m.to(device), opt) for name, (m, opt) in entries.items()}
+    step_ms = interleaved_step_ms(entries, train_data, device, args.timing_rounds)
+    for name, (model, optimizer) in entries.items():
+        row = next((r for r in rows if r["method"] == name), None)
+        if row is None:
+            row = {"method": name, "trainable_adapter_params": sum(p.numel() for p in model.encoder.parameters()
+                                                                   if p.requires_grad), "lr": 1e-3}
+            rows.append(row)
+        row["step_ms"] = round(step_ms[name], 1)
+        row["peak_step_mib"] = round(step_peak_mib(model, optimizer, train_data[0], device), 1)
     plot(curves, out / "loss_curves.png")
     result = {"rows": rows, "best": best, "merge_check": merged_check, "device": str(device),
               "steps": args.steps, "batch": args.batch, "train_examples": len(train_split.texts),
-              "test_examples": len(test_split.texts), "torch": torch.__version__}
+              "test_examples": len(test_split.texts), "torch": torch.__version__, "timing_rounds": args.timing_rounds}
     (out / "results.json").write_text(json.dumps(result, indent=2))
     table = render(result)
     (out / "results.md").write_text(table)
@@ -252,15 +268,19 @@ def render(result: dict) -> str:
              f"{result['test_examples']} test, {result['steps']} steps × batch {result['batch']}, "
              f"{result['device']}, torch {result['torch']})", "",
              "| method | trainable adapter params | lr | accuracy before | accuracy after | step ms | "
-             "peak MiB / step | ranks | PEFT DoRA step ms |", "|---|---|---|---|---|---|---|---|---|"]
+             "peak MiB / step | ranks |", "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['method']} | {r['trainable_adapter_params']:,} | {r['lr']:g} | {r['acc_before']:.1%} | "
-                     f"{r['acc_after']:.1%} | {r['step_ms']} | {r['peak_step_mib']} | "
-                     f"{'/'.join(map(str, r['final_ranks']))} | {r['peft_dora_step_ms']} |")
+        acc = (f"{r['acc_before']:.1%} | {r['acc_after']:.1%}" if "acc_after" in r else "(timed only) | –")
+        ranks = "/".join(map(str, r["final_ranks"])) if "final_ranks" in r else "–"
+        lines.append(f"| {r['method']} | {r['trainable_adapter_params']:,} | {r['lr']:g} | {acc} | {r['step_ms']} | "
+                     f"{r['peak_step_mib']} | {ranks} |")
     m = result["merge_check"]
     lines += ["", f"Best: {result['best']}. Merged into the base weights: same test predictions = "
                   f"{m['same_predictions']}, max |logit difference| = {m['max_logit_diff']:.2e}. "
-                  f"Adapter saved (PEFT format) to {m['adapter_dir']}.", ""]
+                  f"Adapter saved (PEFT format) to {m['adapter_dir']}.", "",
+              f"step ms: median of {result['timing_rounds']} steps per method after training, every method and "
+              "PEFT's own LoRA and DoRA running the same step (forward, loss, backward, AdamW) on the same batches, "
+              "interleaved round-robin. Peak MiB: one such step above the level before it.", ""]
     return "\n".join(lines)
 
 
@@ -272,7 +292,7 @@ def main(argv=None):
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--per-topic", type=int, default=160)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--peft-reps", type=int, default=10)
+    p.add_argument("--timing-rounds", type=int, default=12, help="interleaved timing rounds after training")
     p.add_argument("--methods", nargs="*", default=None)
     p.add_argument("--out", default="demo_out")
     p.add_argument("--no-progress", action="store_true")

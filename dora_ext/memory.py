@@ -2,9 +2,38 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import sys
+import tempfile
 from typing import Any, Callable
 
 import torch
+
+# What the CPU profiler's C++ side (kineto) prints on stderr at every start/stop, and on a machine without a GPU an
+# "ERROR ... gpuGetDeviceCount failed" line: noise to a user, who reads ERROR as a failure.
+_PROFILER_NOISE = re.compile(r"^(USDT:|ERROR:.*gpuGetDeviceCount|.*(profiler_start|profiler_stop|ActivityProfiler))")
+
+
+@contextlib.contextmanager
+def _quiet_profiler_stderr():
+    """Capture the process's stderr (file descriptor 2, which C++ writes to) while profiling, then pass on every line
+    that is not the profiler's own log, so real warnings still reach the console."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            for line in capture.read().decode(errors="replace").splitlines():
+                if line.strip() and not _PROFILER_NOISE.match(line):
+                    print(line, file=sys.stderr)
 
 
 def peak_memory(fn: Callable[[], Any], device: str | torch.device = "cpu") -> tuple[Any, int]:
@@ -27,7 +56,7 @@ def peak_memory(fn: Callable[[], Any], device: str | torch.device = "cpu") -> tu
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with _quiet_profiler_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             result = fn()
     finally:
         torch.set_num_threads(threads)

@@ -1,9 +1,13 @@
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import dora_ext  # noqa: F401  (registers torch.ops.dora_ext)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "demo"))  # offline_models.py: shared with the demo
 
 
 def _devices():

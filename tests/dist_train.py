@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "demo"))  # offline_models.py
 import dora_ext  # noqa: E402
 from real_models import llama_batch, tiny_llama  # noqa: E402
 
