@@ -59,21 +59,21 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default",
     out = {key: _full(p.detach()) for key, (p, _) in _adapter_tensors(model, adapter_name).items()}
     ranks, alphas = {}, {}
     for name, layer in dora_layers(model).items():
-        if adapter_name not in layer.r or not (
-                layer.dynamic[adapter_name] or (as_dora and layer.variant[adapter_name] == "edora")):
+        if adapter_name not in layer.r:
+            continue
+        variant = layer.variants[adapter_name]
+        full = {c: _full(t.detach()) for c, t in layer.extras(adapter_name).items()}
+        A, B = (_full(t.detach()) for t in layer._factor_tensors(adapter_name))
+        exported = variant.export(A, B, full, as_dora)  # the variant's own fold (B·R, gates), or None
+        if exported is None:
             continue
         prefix = f"{KEY_PREFIX}{name}."
-        A, B = (_full(t.detach()) for t in layer.factors(adapter_name))  # B·R or B·diag(c) folded
-        keep = torch.arange(A.shape[0], device=A.device)
-        if layer.dynamic[adapter_name]:
-            keep = (out.pop(prefix + "lora_gate") != 0).nonzero().flatten()
-            if keep.numel() == 0:  # every component pruned: one zero component keeps the layer (and its magnitude)
-                keep = torch.zeros(1, dtype=torch.long, device=A.device)
-        out.pop(prefix + "lora_R", None)
-        out[prefix + "lora_A.weight"] = A[keep].contiguous()
-        out[prefix + "lora_B.weight"] = B[:, keep].contiguous()
-        ranks[re.escape(name)] = int(keep.numel())
-        alphas[re.escape(name)] = layer.scaling[adapter_name] * int(keep.numel())
+        for _, suffix, _ in variant.extra_specs():
+            out.pop(prefix + suffix)
+        out[prefix + "lora_A.weight"], out[prefix + "lora_B.weight"] = exported
+        rank = exported[0].shape[0]
+        ranks[re.escape(name)] = rank
+        alphas[re.escape(name)] = layer.scaling[adapter_name] * rank
     if not out:
         raise ValueError(f"dora_ext.save_adapter: the model has no adapter {adapter_name!r}")
     return out, ranks, alphas
@@ -169,8 +169,7 @@ def _expected(model: nn.Module, config: DoRAConfig, adapter_name: str) -> tuple[
     shapes = {}
     for name, mod in plan.items():
         base = mod.base_layer if isinstance(mod, DoRALayer) else mod
-        shapes_of = layer_class_for(base).adapter_shapes(base, config.layer_rank_for(name), config.variant,
-                                                         config.dynamic_rank)
+        shapes_of = layer_class_for(base).adapter_shapes(base, config.layer_rank_for(name), config.variant_object())
         for suffix, shape in shapes_of.items():
             shapes[f"{KEY_PREFIX}{name}.{suffix}"] = tuple(shape)
     return config, shapes

@@ -9,10 +9,12 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from .variants import KINDS, Variant, variant_for
+
 __all__ = ["DoRAConfig", "ALL_LINEAR", "VARIANTS"]
 
 #: "dora" (Liu et al. 2024, PEFT's use_dora), "lora" (plain LoRA; with dynamic_rank), "edora" (Nasiri & Garraghan)
-VARIANTS = ("dora", "lora", "edora")
+VARIANTS = KINDS
 
 #: target_modules shorthand (PEFT's INCLUDE_LINEAR_LAYERS_SHORTHAND): every Linear/Conv1D but the output head.
 ALL_LINEAR = "all-linear"
@@ -73,9 +75,7 @@ class DoRAConfig:
     edora_sigma: float = 1e-5
 
     def __post_init__(self):
-        _check(self.variant in VARIANTS, f"expected variant in {VARIANTS}, got {self.variant!r}")
-        _check(not (self.dynamic_rank and self.variant == "edora"),
-               "dynamic_rank works with variant 'dora' or 'lora', not 'edora' (EDoRA's rank is fixed by its SVD)")
+        self.variant_object()  # raises for a kind or combination that does not exist (dora_ext.variants)
         _check(isinstance(self.edora_sigma, (int, float)) and math.isfinite(self.edora_sigma) and
                self.edora_sigma >= 0, f"expected a finite edora_sigma >= 0, got {self.edora_sigma!r}")
         check_rank(self.r, "DoRAConfig", "r")
@@ -109,6 +109,10 @@ class DoRAConfig:
 
     def alpha_for(self, key: str) -> float:
         return self.alpha_pattern.get(_pattern_key(self.alpha_pattern, key), self.alpha)
+
+    def variant_object(self) -> Variant:
+        """The variant object every adapter of this config gets (dora_ext.variants)."""
+        return variant_for(self.variant, self.dynamic_rank, "dora_ext.DoRAConfig")
 
     def layer_rank_for(self, key: str) -> int:
         """The rank a layer is built with: rank_for, or r₀ = ⌈1.5·r⌉ components under dynamic rank (Mao et al.)."""

@@ -27,7 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from .layers import DoRALayer
-from .model import dora_layers
+from .model import CONFIGS_ATTR, dora_layers
+from .variants import keep_components
 
 __all__ = ["DynamicRankAllocator"]
 
@@ -47,14 +48,14 @@ class DynamicRankAllocator:
             raise ValueError(f"{what}: expected 0 <= beta < 1, prune_interval >= 1, regularization >= 0; got "
                              f"{beta}, {prune_interval}, {regularization}")
         self.layers: dict[str, DoRALayer] = {n: l for n, l in dora_layers(model).items()
-                                             if l.dynamic.get(adapter_name)}
+                                             if adapter_name in l.variants and l.variants[adapter_name].dynamic}
         if not self.layers:
             raise ValueError(f"{what}: the model has no dynamic-rank adapter {adapter_name!r} (inject with "
                              "DoRAConfig(dynamic_rank=True))")
         self.adapter = adapter_name
         self.optimizer = optimizer
         self.start_rank = {n: l.r[adapter_name] for n, l in self.layers.items()}
-        config = getattr(model, "dora_ext_configs", {}).get(adapter_name)
+        config = getattr(model, CONFIGS_ATTR, {}).get(adapter_name)
         if target_rank is None:
             target_rank = config.r if config is not None else None
         if target_rank is None or not 0 < target_rank <= min(self.start_rank.values()):
@@ -154,16 +155,8 @@ class DynamicRankAllocator:
             return self.ranks()
         self._apply_masks()
         for name, layer in self.layers.items():
-            keep = (~self.masks[name]).nonzero().flatten()
-            if keep.numel() == 0:
-                keep = self.scores[name].argmax().reshape(1)
-            A, B, c = self._tensors(name)
-            layer.lora_A[self.adapter].weight = self._sliced(A, 0, keep)
-            layer.lora_B[self.adapter].weight = self._sliced(B, 1, keep)
-            layer.lora_gate[self.adapter] = self._sliced(c, 0, keep)
-            layer.lora_A[self.adapter].out_features = layer.lora_B[self.adapter].in_features = keep.numel()
-            layer.r[self.adapter] = int(keep.numel())  # the scaling s = alpha/r₀ stays as trained
-            layer.clear_cache()
+            keep = keep_components(~self.masks[name], self.scores[name])
+            layer.keep_components(self.adapter, keep, self._sliced)
             self.scores[name] = self.scores[name][keep]
             self.masks[name] = self.masks[name][keep]
         self.removed = True

@@ -45,25 +45,6 @@ def autocast_dtype(t: Tensor) -> torch.dtype | None:
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
 
 
-def eval_norm(cache: dict, slot: str, tensors: Sequence[Tensor], scaling: float, training: bool,
-              compute: Callable[[], Tensor]) -> Tensor | None:
-    """The eval-time norm cache of a layer: cache[slot] = (key, norm), recomputed when the key changes; None (the
-    caller computes the norm) in training, while compiling, or for inference-mode tensors.
-
-    The key holds each tensor's version counter, storage pointer, dtype and device plus the scaling, so optimizer
-    steps, load_state_dict, merges, in-place edits and .to() all invalidate it. Writes through `.data` bypass version
-    counters: layers offer clear_cache() for those. PEFT's DoraCaching also keeps a dense [out, in] B·A; this keeps
-    one [out] fp32 vector.
-    """
-    if training or torch.compiler.is_compiling() or any(t.is_inference() for t in tensors):
-        return None
-    key = tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors) + (scaling,)
-    hit = cache.get(slot)
-    if hit is None or hit[0] != key:
-        hit = cache[slot] = (key, compute())
-    return hit[1]
-
-
 def _dropped(x: Tensor, a: Adapter, training: bool) -> Tensor | None:
     return F.dropout(x, a.dropout, training=True) if training and a.dropout > 0 else None
 

@@ -14,6 +14,7 @@ eval-time norm cache) and picks tensors.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,8 @@ from torch import Tensor, nn
 
 from . import functional, ops
 from .config import check_alpha, check_dropout, check_rank
+from .layer_state import MergeLedger, NormCache
+from .variants import DoRA, DynamicDoRA, DynamicLoRA, EDoRA, LoRA, Variant
 
 __all__ = ["DoRALayer", "Linear", "Conv", "Embedding", "Magnitude", "conv1d_type", "layer_class_for"]
 
@@ -64,13 +67,12 @@ class DoRALayer(nn.Module):
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.use_rslora: dict[str, bool] = {}
-        self.variant: dict[str, str] = {}  # "dora" | "lora" | "edora" (see add_adapter)
-        self.dynamic: dict[str, bool] = {}  # rank-1 components behind gates (dynamic rank, Mao et al. 2024)
+        self.variants: dict[str, Variant] = {}  # adapter -> its variant object (dora_ext.variants)
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
-        self._merge_records: dict[str, tuple] = {}  # adapter -> (norm, zero-gain rows, their saved values)
-        self._norm_cache: dict[str, tuple] = {}  # adapter -> (key of W/A/B/scaling, norm); eval only
+        self._ledger = MergeLedger()  # merged adapter -> what unmerging needs (layer_state.py)
+        self._norm_cache = NormCache()  # eval only
 
     # ----------------------------------------------------------------------------------- per-type hooks
     def weight_2d(self, weight: Tensor | None = None) -> Tensor:
@@ -84,21 +86,41 @@ class DoRALayer(nn.Module):
     def _create_factors(self, name: str, r: int, factory: dict) -> None:
         raise NotImplementedError
 
-    def _reset_factors(self, name: str, sigma: float) -> None:
+    def _factor_tensors(self, name: str) -> tuple[Tensor, Tensor]:
+        """The stored (A, B) parameters of adapter `name`, as the variant initialises them."""
         raise NotImplementedError
 
-    #: variants this layer type implements; dynamic rank only where `supports_dynamic`
-    variants: tuple[str, ...] = ("dora",)
-    supports_dynamic = False
+    #: variant classes this layer type implements (DoRA only, unless a kind says more)
+    supported_variants: tuple[type[Variant], ...] = (DoRA,)
 
     @classmethod
-    def adapter_shapes(cls, base: nn.Module, r: int, variant: str = "dora", dynamic: bool = False) -> dict[str, tuple]:
-        """Shapes by saved-key suffix for a rank-r adapter on `base` (used to validate checkpoints up front)."""
+    def supports(cls, variant: Variant) -> bool:
+        return type(variant) in cls.supported_variants
+
+    @classmethod
+    def factor_shapes(cls, base: nn.Module, r: int) -> tuple[tuple, tuple, tuple]:
+        """(A, B, magnitude) shapes of a rank-r adapter on `base`."""
         raise NotImplementedError
+
+    @classmethod
+    def adapter_shapes(cls, base: nn.Module, r: int, variant: Variant) -> dict[str, tuple]:
+        """Shapes by saved-key suffix for a rank-r adapter on `base` (used to validate checkpoints up front)."""
+        a, b, m = cls.factor_shapes(base, r)
+        (_, a_key), (_, b_key) = cls.saved_keys[:2]
+        shapes = {a_key: a, b_key: b, "lora_magnitude_vector": m, **variant.extra_shapes(r)}
+        return {suffix: shapes[suffix] for _, suffix, _ in variant.specs(cls.saved_keys[:2])}
 
     def tensor_specs(self, name: str) -> list[tuple[str, str, bool]]:
         """(container attribute, saved-key suffix, trainable) for each tensor of adapter `name`, in save order."""
-        return [(container, suffix, True) for container, suffix in self.saved_keys]
+        return self.variants[name].specs(self.saved_keys[:2])
+
+    def _init_adapter(self, name: str, sigma: float) -> None:
+        """The variant's init of adapter `name` (a layer kind with its own init overrides this)."""
+        self.variants[name].reset_(self.weight_2d(), *self._factor_tensors(name), self.extras(name), sigma)
+
+    def extras(self, name: str) -> dict[str, Tensor]:
+        """The variant's own tensors of adapter `name` ({container: tensor}: EDoRA's R, the gates)."""
+        return {c: self._tensor(c, name) for c, _, _ in self.variants[name].extra_specs()}
 
     def norm_inputs(self, name: str) -> list[Tensor]:
         """The raw tensors the norm of adapter `name` depends on (besides W): the eval-cache key."""
@@ -125,44 +147,46 @@ class DoRALayer(nn.Module):
         return [self._tensor(container, name) for container, _, _ in self.tensor_specs(name)]
 
     def has_magnitude(self, name: str) -> bool:
-        return self.variant[name] != "lora"
+        return self.variants[name].has_magnitude
 
     def _tensor(self, container: str, name: str) -> nn.Parameter:
         entry = getattr(self, container)[name]
-        return entry if isinstance(entry, nn.Parameter) else entry.weight
+        # a module holding `weight` (lora_A, lora_B, magnitude) or a bare tensor (ParameterDict entries; FSDP with
+        # use_orig_params hands those out as plain tensors, not Parameters)
+        return entry.weight if isinstance(entry, nn.Module) else entry
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-                    adapter_dtype: torch.dtype | None = None, variant: str = "dora", dynamic: bool = False,
+                    adapter_dtype: torch.dtype | None = None, variant: Variant | None = None,
                     sigma: float = 1e-5) -> None:
-        """A fresh adapter; it becomes active only if no adapter is active yet, as in PEFT.
-
-        variant "dora": PEFT's init (A kaiming-uniform a=√5, B = 0, magnitude = ‖W + s·B·A‖_row: output unchanged).
-        "lora": the same without magnitude. "edora" (Nasiri & Garraghan 2025): B = U_r, A = Σ_r V_rᵀ from the SVD of
-        W, both frozen; a trainable r×r R ~ N(0, sigma²) between them; ΔW = s·B·R·A. dynamic=True (Mao et al. 2024;
-        dora or lora): r rank-1 components gated by a zero-initialised trainable c (A, B kaiming-uniform a=0),
-        ΔW = s·B·diag(c)·A with s = alpha/r fixed while components are pruned (DynamicRankAllocator)."""
+        """A fresh adapter of `variant` (default DoRA; dora_ext.variants says what each one creates and how it is
+        initialised, e.g. DoRA: PEFT's init, output unchanged); it becomes active only if no adapter is active yet,
+        as in PEFT. s = alpha/r (alpha/√r with rsLoRA), fixed while dynamic-rank components are pruned."""
         what = f"dora_ext.{type(self).__name__}.add_adapter"
+        variant = DoRA() if variant is None else variant
         if not isinstance(name, str) or not name or name in self.r:
             raise ValueError(f"{what}: expected a new adapter name, got {name!r} (present: {self.adapter_names})")
         check_rank(r, what)
         check_alpha(alpha, what)
         check_dropout(dropout, what)
-        if variant not in self.variants or (dynamic and (not self.supports_dynamic or variant == "edora")):
-            raise ValueError(f"{what}: {type(self).__name__} layers support variants {self.variants}"
-                             f"{' (dynamic rank with dora/lora)' if self.supports_dynamic else ''}, got "
-                             f"variant={variant!r}, dynamic={dynamic}")
+        if not self.supports(variant):
+            raise ValueError(f"{what}: {type(self).__name__} layers support variants "
+                             f"{[c.label() for c in self.supported_variants]}, got {variant.label()}")
         if self.merged:
             raise RuntimeError(f"{what}: unmerge() first; the base weight holds merged adapters")
+        variant.check(r, self.in_features, self.out_features, what)
         weight = self.weight
         if adapter_dtype is None:
             adapter_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-        self.variant[name], self.dynamic[name] = variant, dynamic
-        self._create_factors(name, r, {"device": weight.device, "dtype": adapter_dtype})
+        factory = {"device": weight.device, "dtype": adapter_dtype}
+        self.variants[name] = variant
+        self._create_factors(name, r, factory)
+        for container, tensor in variant.create_extras(r, factory).items():
+            getattr(self, container)[name] = tensor
         self.r[name], self.lora_alpha[name], self.use_rslora[name] = r, alpha, use_rslora
         self.scaling[name] = alpha / (math.sqrt(r) if use_rslora else r)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         with torch.no_grad():
-            self._reset_factors(name, sigma)
+            self._init_adapter(name, sigma)
             if self.has_magnitude(name):
                 norm = self.weight_norm(name).to(adapter_dtype).reshape(self._magnitude_shape())
                 self.lora_magnitude_vector[name] = Magnitude(nn.Parameter(norm))
@@ -190,33 +214,10 @@ class DoRALayer(nn.Module):
         for container, _, _ in self.tensor_specs(name):
             del getattr(self, container)[name]
         del self.lora_dropout[name]
-        for d in (self.r, self.lora_alpha, self.scaling, self.use_rslora, self.variant, self.dynamic):
+        for d in (self.r, self.lora_alpha, self.scaling, self.use_rslora, self.variants):
             del d[name]
-        self._norm_cache.pop(name, None)
+        self._norm_cache.pop(name)
         self.active_adapters = [a for a in self.active_adapters if a != name]
-
-    # PEFT's BaseTunerLayer protocol (from_peft registers these layers as virtual BaseTunerLayers, so a converted
-    # PeftModel's save_pretrained, set_adapter, disable_adapter and merge_and_unload still find them)
-    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
-
-    @property
-    def adapter_layer_names(self) -> tuple[str, ...]:
-        return tuple(container for container, _ in self.saved_keys) + self.extra_containers
-
-    extra_containers: tuple[str, ...] = ()
-
-    def get_base_layer(self) -> nn.Module:
-        return self.base_layer
-
-    def _get_available_adapters(self) -> set[str]:
-        return set(self.r)
-
-    def enable_adapters(self, enabled: bool) -> None:
-        self.disable_adapters = not enabled
-
-    @property
-    def active_adapter(self) -> str | list[str]:
-        return self.active_adapters[0] if len(self.active_adapters) == 1 else list(self.active_adapters)
 
     def _active(self) -> list[str]:
         return [a for a in self.active_adapters if a in self.r]
@@ -234,11 +235,9 @@ class DoRALayer(nn.Module):
         return ops.weight_norm(self.weight_2d(weight), A, B, self.scaling[name])
 
     def _current_norm(self, name: str, factors: tuple[Tensor, Tensor]) -> Tensor:
-        """The norm for a forward; in eval kept until W, A, B or the scaling change (functional.eval_norm)."""
-        compute = lambda: self.weight_norm(name, factors=factors)  # noqa: E731
-        norm = functional.eval_norm(self._norm_cache, name, (self.weight, *self.norm_inputs(name)),
-                                    self.scaling[name], self.training, compute)
-        return compute() if norm is None else norm
+        """The norm for a forward; in eval kept until W, A, B or the scaling change (layer_state.NormCache)."""
+        return self._norm_cache.norm(name, (self.weight, *self.norm_inputs(name)), self.scaling[name], self.training,
+                                     lambda: self.weight_norm(name, factors=factors))
 
     def clear_cache(self) -> None:
         """Drop the eval-time norm cache (needed only after writing parameters through `.data`)."""
@@ -279,52 +278,27 @@ class DoRALayer(nn.Module):
         norms = {a: self.weight_norm(a, base) for a in names}
         if safe_merge:
             trial = self.weight.detach().clone()
-            self._merge_into(trial, names, norms)
+            for a in names:
+                self._ledger.merge_(a, self.weight_2d(trial), *self.factors(a), self._magnitude_of(a), norms[a],
+                                    self.scaling[a], record=False)
             if not torch.isfinite(trial).all():
                 raise ValueError(f"dora_ext.{type(self).__name__}.merge: NaN/inf in the merged weight of adapters "
                                  f"{names}; the layer was left unmerged")
-        self._merge_records.update(self._merge_into(self.weight, names, norms))
-        self.merged_adapters.extend(names)
-
-    def _merge_into(self, weight: Tensor, names: list[str], norms: dict[str, Tensor]) -> dict[str, tuple]:
-        """Merge `names` into `weight` in place; returns each adapter's record for _undo_merge."""
-        records = {}
         for a in names:
-            A, B = self.factors(a)
-            m = self._merge_magnitude(a, norms[a])
-            w2d = self.weight_2d(weight)
-            zero = (m == 0).nonzero().flatten()
-            # g = 0 wipes a row for good; keep those few rows so unmerge() restores them exactly.
-            records[a] = (norms[a], zero, w2d[zero].clone())
-            ops.merge_(w2d, A, B, m, norms[a], self.scaling[a])
-        return records
+            self._ledger.merge_(a, self.weight_2d(), *self.factors(a), self._magnitude_of(a), norms[a],
+                                self.scaling[a])
+        self.merged_adapters.extend(names)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Undo merge() (all merged adapters, last first) with the norms kept at merge time."""
         while self.merged_adapters:
             a = self.merged_adapters.pop()
-            self._undo_merge(self.weight, a, self._merge_records.pop(a))
+            self._ledger.unmerge_(a, self.weight_2d(), *self.factors(a), self._magnitude_of(a), self.scaling[a])
 
-    def _merge_magnitude(self, a: str, norm: Tensor) -> Tensor:
-        """The magnitude the merge ops use: plain LoRA merges with m = n, i.e. a gain of exactly 1."""
-        if not self.has_magnitude(a):
-            return norm
-        return self.lora_magnitude_vector[a].weight.reshape(-1)
-
-    def _undo_merge(self, weight: Tensor, a: str, record: tuple) -> None:
-        """weight ← weight / g − s·B·A for adapter `a` with the norm kept at merge time; rows whose gain was 0 come
-        back from the saved copy."""
-        norm, zero, saved = record
-        A, B = self.factors(a)
-        m = self._merge_magnitude(a, norm)
-        if zero.numel():
-            m = m.clone()
-            m[zero] = 1.0  # any non-zero gain: those rows are restored from the saved copy below
-        w2d = self.weight_2d(weight)
-        ops.unmerge_(w2d, A, B, m, norm, self.scaling[a])
-        if zero.numel():
-            w2d[zero] = saved
+    def _magnitude_of(self, a: str) -> Tensor | None:
+        """The magnitude the merge uses; None for plain LoRA (a gain of exactly 1)."""
+        return self.lora_magnitude_vector[a].weight if self.has_magnitude(a) else None
 
     def _unmerged_weight(self) -> Tensor:
         """The base weight without merged adapters (a copy when some are merged), for the norms of new merges."""
@@ -332,7 +306,8 @@ class DoRALayer(nn.Module):
             return self.weight
         weight = self.weight.detach().clone()
         for a in reversed(self.merged_adapters):
-            self._undo_merge(weight, a, self._merge_records[a])
+            self._ledger.unmerge_(a, self.weight_2d(weight), *self.factors(a), self._magnitude_of(a),
+                                  self.scaling[a], forget=False)
         return weight
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
@@ -362,9 +337,7 @@ class Linear(DoRALayer):
     backward, and merging never build the [out, in] ΔW and need no kernels of their own.
     """
 
-    variants = ("dora", "lora", "edora")
-    supports_dynamic = True
-    extra_containers = ("lora_R", "lora_gate")
+    supported_variants = (DoRA, LoRA, EDoRA, DynamicDoRA, DynamicLoRA)
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False):
         conv1d = conv1d_type()
@@ -381,72 +354,39 @@ class Linear(DoRALayer):
         self.lora_R = nn.ParameterDict()  # EDoRA: the trainable r×r matrix
         self.lora_gate = nn.ParameterDict()  # dynamic rank: one gate per rank-1 component
 
-    @staticmethod
-    def _specs(variant: str, dynamic: bool) -> list[tuple[str, str, bool]]:
-        """(container, saved-key suffix, trainable) of the tensors an adapter of this variant has."""
-        factors_train = variant != "edora"  # EDoRA's SVD factors are frozen
-        specs = [("lora_A", "lora_A.weight", factors_train), ("lora_B", "lora_B.weight", factors_train)]
-        if variant == "edora":
-            specs.append(("lora_R", "lora_R", True))
-        if dynamic:
-            specs.append(("lora_gate", "lora_gate", True))
-        if variant != "lora":
-            specs.append(("lora_magnitude_vector", "lora_magnitude_vector", True))
-        return specs
-
     @classmethod
-    def adapter_shapes(cls, base, r, variant="dora", dynamic=False):
+    def factor_shapes(cls, base, r):
         w = base.weight
         conv1d = conv1d_type()
         out, inp = (w.shape[1], w.shape[0]) if conv1d is not None and isinstance(base, conv1d) else w.shape
-        shapes = {"lora_A.weight": (r, inp), "lora_B.weight": (out, r), "lora_R": (r, r), "lora_gate": (r,),
-                  "lora_magnitude_vector": (out,)}
-        return {suffix: shapes[suffix] for _, suffix, _ in cls._specs(variant, dynamic)}
-
-    def tensor_specs(self, name):
-        return self._specs(self.variant[name], self.dynamic[name])
+        return (r, inp), (out, r), (out,)
 
     def weight_2d(self, weight=None):
         weight = self.weight if weight is None else weight
         return weight.T if self.fan_in_fan_out else weight
 
+    def _factor_tensors(self, name):
+        return self.lora_A[name].weight, self.lora_B[name].weight
+
     def factors(self, name):
-        A, B = self.lora_A[name].weight, self.lora_B[name].weight
-        if self.variant[name] == "edora":
-            B = B @ self.lora_R[name]  # [out, r]: never B·R·A
-        if self.dynamic[name]:
-            B = B * self.lora_gate[name].to(B.dtype)  # B·diag(c): pruned components are zero columns
-        return A, B
+        return self.variants[name].fold(*self._factor_tensors(name), self.extras(name))
 
     def _create_factors(self, name, r, factory):
-        if self.variant[name] == "edora" and r > min(self.in_features, self.out_features):
-            raise ValueError(f"dora_ext.Linear.add_adapter: EDoRA needs r <= min(in, out) = "
-                             f"{min(self.in_features, self.out_features)}, got r={r}")
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **factory)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, **factory)
-        if self.variant[name] == "edora":
-            self.lora_R[name] = nn.Parameter(torch.empty(r, r, **factory))
-        if self.dynamic[name]:
-            self.lora_gate[name] = nn.Parameter(torch.empty(r, **factory))
 
-    def _reset_factors(self, name, sigma):
-        A, B = self.lora_A[name].weight, self.lora_B[name].weight
-        if self.variant[name] == "edora":
-            # Truncated SVD of the frozen weight (computed in fp32, or fp64 for fp64 weights): B = U_r, A = Σ_r V_rᵀ.
-            w = self.weight_2d().detach()
-            w = w.double() if w.dtype == torch.float64 else w.float()
-            U, S, Vh = torch.linalg.svd(w, full_matrices=False)
-            r = A.shape[0]
-            B.copy_(U[:, :r])
-            A.copy_(S[:r, None] * Vh[:r])
-            nn.init.normal_(self.lora_R[name], std=sigma)  # tiny: the model starts (almost) at the base
-        elif self.dynamic[name]:
-            nn.init.kaiming_uniform_(A)  # Mao et al.: both factors kaiming-uniform (a=0), gates zero, so ΔW = 0
-            nn.init.kaiming_uniform_(B)
-            nn.init.zeros_(self.lora_gate[name])
-        else:
-            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-            nn.init.zeros_(B)
+    @torch.no_grad()
+    def keep_components(self, name: str, keep: Tensor, swap: Callable[[nn.Parameter, int, Tensor], nn.Parameter]):
+        """Keep only the rank-1 components `keep` of dynamic-rank adapter `name`: lora_A rows, lora_B columns and
+        gates are replaced by `swap(param, dim, keep)` (the allocator's: a new Parameter, optimizer state sliced
+        alike). The scaling s = alpha/r₀ stays as trained."""
+        A, B = self._factor_tensors(name)
+        self.lora_A[name].weight = swap(A, 0, keep)
+        self.lora_B[name].weight = swap(B, 1, keep)
+        self.lora_gate[name] = swap(self.lora_gate[name], 0, keep)
+        self.lora_A[name].out_features = self.lora_B[name].in_features = keep.numel()
+        self.r[name] = int(keep.numel())
+        self.clear_cache()
 
     def _adapted_forward(self, x: Tensor, active: list[str], *args, **kwargs) -> Tensor:
         return functional.linear(x, self.weight_2d(), self.base_layer.bias, [self._adapter(a) for a in active],
@@ -475,11 +415,10 @@ class Conv(DoRALayer):
         self.spec = functional.ConvSpec(_CONV_FN[type(b)], b.stride, b.padding, b.dilation, b.groups)
 
     @classmethod
-    def adapter_shapes(cls, base, r, variant="dora", dynamic=False):
+    def factor_shapes(cls, base, r):
         ones = (1,) * (base.weight.dim() - 2)
-        return {"lora_A.weight": (r, base.in_channels, *base.kernel_size),
-                "lora_B.weight": (base.out_channels, r // base.groups, *ones),
-                "lora_magnitude_vector": (1, base.out_channels, *ones)}
+        return (r, base.in_channels, *base.kernel_size), (base.out_channels, r // base.groups, *ones), \
+            (1, base.out_channels, *ones)
 
     def _magnitude_shape(self):
         return (1, self.out_features) + (1,) * (self.weight.dim() - 2)
@@ -500,9 +439,8 @@ class Conv(DoRALayer):
         self.lora_A[name] = conv(self.in_features, r, b.kernel_size, b.stride, b.padding, bias=False, **factory)
         self.lora_B[name] = conv(r, self.out_features, ones, ones, groups=b.groups, bias=False, **factory)
 
-    def _reset_factors(self, name, sigma):
-        nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B[name].weight)
+    def _factor_tensors(self, name):
+        return self.lora_A[name].weight, self.lora_B[name].weight
 
     def weight_norm(self, name, weight=None, factors=None):
         if self.spec.groups == 1:
@@ -546,9 +484,8 @@ class Embedding(DoRALayer):
         self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
 
     @classmethod
-    def adapter_shapes(cls, base, r, variant="dora", dynamic=False):
-        return {"lora_embedding_A": (r, base.num_embeddings), "lora_embedding_B": (base.embedding_dim, r),
-                "lora_magnitude_vector": (base.embedding_dim,)}
+    def factor_shapes(cls, base, r):
+        return (r, base.num_embeddings), (base.embedding_dim, r), (base.embedding_dim,)
 
     def weight_2d(self, weight=None):
         return (self.weight if weight is None else weight).T  # [dim, vocab]
@@ -560,8 +497,11 @@ class Embedding(DoRALayer):
         self.lora_embedding_A[name] = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_embedding_B[name] = nn.Parameter(torch.empty(self.out_features, r, **factory))
 
-    def _reset_factors(self, name, sigma):
-        nn.init.zeros_(self.lora_embedding_A[name])  # PEFT: A = 0, B ~ N(0, 1)
+    def _factor_tensors(self, name):
+        return self.lora_embedding_A[name], self.lora_embedding_B[name]
+
+    def _init_adapter(self, name, sigma):
+        nn.init.zeros_(self.lora_embedding_A[name])  # PEFT's embedding init: A = 0, B ~ N(0, 1)
         nn.init.normal_(self.lora_embedding_B[name])
 
     def _embed(self, ids: Tensor, table: Tensor) -> Tensor:

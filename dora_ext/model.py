@@ -54,10 +54,10 @@ def target_plan(model: nn.Module, config: DoRAConfig) -> tuple[DoRAConfig, dict[
         if cls is None:
             raise ValueError(f"dora_ext.inject: target module {name!r} is a {type(mod).__name__}; supported are "
                              "nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d and nn.Embedding")
-        if config.variant not in cls.variants or (config.dynamic_rank and not cls.supports_dynamic):
+        if not cls.supports(config.variant_object()):
             raise ValueError(f"dora_ext.inject: target module {name!r} is a {type(mod).__name__}, which supports "
-                             f"variants {cls.variants}{'' if cls.supports_dynamic else ' without dynamic rank'}; "
-                             f"got variant={config.variant!r}, dynamic_rank={config.dynamic_rank}")
+                             f"variants {[c.label() for c in cls.supported_variants]}; got variant="
+                             f"{config.variant!r}, dynamic_rank={config.dynamic_rank}")
         plan[name] = mod
     if not plan:
         raise ValueError(f"dora_ext.inject: target_modules={config.target_modules!r} matched no module of the model "
@@ -91,8 +91,8 @@ def inject(model: nn.Module, config: DoRAConfig, adapter_name: str = "default") 
     for name, mod in plan.items():
         layer = mod if isinstance(mod, DoRALayer) else _wrap(mod)
         layer.add_adapter(adapter_name, config.layer_rank_for(name), config.alpha_for(name), config.dropout,
-                          config.use_rslora, config.adapter_dtype, variant=config.variant,
-                          dynamic=config.dynamic_rank, sigma=config.edora_sigma)
+                          config.use_rslora, config.adapter_dtype, variant=config.variant_object(),
+                          sigma=config.edora_sigma)
         if layer is not mod:
             _set_submodule(root, name, layer)
     configs = getattr(model, CONFIGS_ATTR, {})

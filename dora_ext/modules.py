@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from . import functional, ops
 from .config import check_alpha, check_dropout, check_rank
+from .layer_state import MergeLedger, NormCache
 
 __all__ = ["DoRALinear"]
 
@@ -56,9 +57,8 @@ class DoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
         self.magnitude = nn.Parameter(torch.empty(self.out_features, **factory))
         self.merged = False
-        self._merged_norm: Tensor | None = None  # norm of the unmerged weight, needed to unmerge
-        self._zero_factor_rows: tuple[Tensor, Tensor] | None = None  # rows a merge with g = 0 would destroy
-        self._norm_cache: dict[str, tuple] = {}  # eval only: {"norm": (key of W, A, B, scaling; norm)}
+        self._ledger = MergeLedger()  # what unmerge() needs (layer_state.py, shared with the multi-adapter layers)
+        self._norm_cache = NormCache()  # eval only
         self.reset_parameters()
 
     @classmethod
@@ -97,10 +97,12 @@ class DoRALinear(nn.Module):
 
     def _eval_weight_norm(self) -> Tensor | None:
         """In eval mode, the norm of the current W, A, B and scaling, kept (one [out] fp32 vector) until one of them
-        changes (functional.eval_norm); None (the op computes it) in training, while compiling, or for
-        inference-mode tensors. Unmerged eval then costs what LoRA costs plus one column-scale epilogue."""
-        return functional.eval_norm(self._norm_cache, "norm", (self.weight, self.lora_A, self.lora_B), self.scaling,
-                                    self.training, self.weight_norm)
+        changes (layer_state.NormCache); None (the op computes it, fused) in training. Unmerged eval then costs what
+        LoRA costs plus one column-scale epilogue."""
+        if self.training:
+            return None
+        return self._norm_cache.norm("norm", (self.weight, self.lora_A, self.lora_B), self.scaling, False,
+                                     self.weight_norm)
 
     def clear_cache(self) -> None:
         """Drop the eval-time norm cache (needed only after writing parameters through `.data`)."""
@@ -115,12 +117,8 @@ class DoRALinear(nn.Module):
         """Fold the adapter into the base weight in place: W ← g ⊙ (W + s·B·A). No-op when already merged."""
         if self.merged:
             return
-        norm = self.weight_norm()
-        zero = (self.magnitude == 0).nonzero().flatten()
-        # g = 0 zeroes a row for good; keep those few rows so unmerge() can restore them exactly.
-        self._zero_factor_rows = (zero, self.weight[zero].clone()) if zero.numel() else None
-        ops.merge_(self.weight, self.lora_A, self.lora_B, self.magnitude, norm, self.scaling)
-        self._merged_norm = norm
+        self._ledger.merge_("default", self.weight, self.lora_A, self.lora_B, self.magnitude, self.weight_norm(),
+                            self.scaling)
         self.merged = True
 
     @torch.no_grad()
@@ -128,15 +126,8 @@ class DoRALinear(nn.Module):
         """Undo merge() with the norm cached at merge time (exact up to rounding). No-op when not merged."""
         if not self.merged:
             return
-        magnitude = self.magnitude
-        if self._zero_factor_rows is not None:
-            rows, saved = self._zero_factor_rows
-            magnitude = magnitude.clone()
-            magnitude[rows] = 1.0  # any non-zero factor: these rows are overwritten from the saved copy below
-        ops.unmerge_(self.weight, self.lora_A, self.lora_B, magnitude, self._merged_norm, self.scaling)
-        if self._zero_factor_rows is not None:
-            self.weight[rows] = saved
-        self._merged_norm, self._zero_factor_rows, self.merged = None, None, False
+        self._ledger.unmerge_("default", self.weight, self.lora_A, self.lora_B, self.magnitude, self.scaling)
+        self.merged = False
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:

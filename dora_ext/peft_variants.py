@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
-from .functional import eval_norm
+from .layer_state import NormCache
 
 __all__ = ["convert_peft_model", "patch_peft", "unpatch_peft", "peft_patched", "is_fused", "PEFT_TESTED"]
 
@@ -61,17 +61,12 @@ def _peft():
 
 
 # ------------------------------------------------------------------------------------------------ the norm
-def _norm_cache(module: nn.Module) -> dict:
-    """The layer's eval-time norm cache (one [out] fp32 vector per adapter, keyed on tensor versions: see
-    functional.eval_norm). Kept in the instance __dict__, outside the state_dict, like PEFT's own `_caches`."""
-    return module.__dict__.setdefault("_dora_ext_norms", {})
-
-
 def _weight_norm(module: nn.Module, adapter: str, weight2d: Tensor, A2d: Tensor, B2d: Tensor, scaling: float):
-    """‖W + s·B·A‖ per output row, fused; in eval reused until W, A, B or the scaling change."""
-    compute = lambda: ops.weight_norm(weight2d, A2d, B2d, scaling)  # noqa: E731
-    norm = eval_norm(_norm_cache(module), adapter, (weight2d, A2d, B2d), scaling, module.training, compute)
-    return compute() if norm is None else norm
+    """‖W + s·B·A‖ per output row, fused; in eval reused until W, A, B or the scaling change (layer_state.NormCache,
+    kept in the instance __dict__, outside the state_dict, like PEFT's own `_caches`)."""
+    cache = module.__dict__.setdefault("_dora_ext_norms", NormCache())
+    return cache.norm(adapter, (weight2d, A2d, B2d), scaling, module.training,
+                      lambda: ops.weight_norm(weight2d, A2d, B2d, scaling))
 
 
 def _dropout_active(module: nn.Module, adapter: str) -> bool:

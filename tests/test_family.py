@@ -105,7 +105,7 @@ def test_edora_merge_save_load_and_peft_export(tmp_path):
     assert {"base_model.model.up.lora_R", "base_model.model.up.lora_A.weight",
             "base_model.model.up.lora_magnitude_vector"} <= set(keys)
     loaded = dora_ext.load_adapter(copy.deepcopy(base), tmp_path / "edora", is_trainable=True)
-    assert loaded.up.variant["default"] == "edora"
+    assert loaded.up.variants["default"].kind == "edora"
     assert {n for n, p in loaded.named_parameters() if p.requires_grad} == {
         n for n, p in model.named_parameters() if p.requires_grad}
     torch.testing.assert_close(loaded.eval()(x), y, atol=0, rtol=0)
