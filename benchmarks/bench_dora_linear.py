@@ -26,7 +26,7 @@ import dora_ext  # noqa: E402
 from bench_utils import markdown_table, median_ms, metadata, device_slug, sync, write_results  # noqa: E402
 from dora_ext import ops  # noqa: E402
 from dora_ext import reference as ref  # noqa: E402
-from dora_ext.memory import peak_memory  # noqa: E402
+from memory import peak_memory  # noqa: E402
 from shapes import LLAMA7B, RANKS, TOKENS  # noqa: E402
 
 PROVIDERS = ["peft_lora", "peft_dora", "peft_dora_cached", "dora_ext", "reference"]

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dora_ext  # noqa: E402
 from bench_utils import device_slug, interleaved_ms, markdown_table, metadata, write_results  # noqa: E402
-from dora_ext.memory import peak_memory  # noqa: E402
+from memory import peak_memory  # noqa: E402
 
 PROVIDERS = ("peft_lora", "peft_dora", "dora_ext", "peft_dora_fused")
 

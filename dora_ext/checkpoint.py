@@ -1,5 +1,5 @@
 """Adapter files in PEFT's format: adapter_config.json + adapter_model.safetensors, keys as PEFT saves them
-(peft_and_family.md §1.3.2): `base_model.model.<module>.lora_A.weight`, `.lora_B.weight`,
+(peft/utils/save_and_load.py get_peft_model_state_dict): `base_model.model.<module>.lora_A.weight`, `.lora_B.weight`,
 `.lora_magnitude_vector` (Embedding: `.lora_embedding_A`, `.lora_embedding_B`), adapter name stripped.
 
 load_adapter checks everything (config, file integrity, key set, shapes, dtypes, finiteness) before it changes the
@@ -95,13 +95,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         raise ValueError("dora_ext.save_adapter: this PeftModel's layers are PEFT's (from_peft keeps them): save it "
                          "with its own PeftModel.save_pretrained, which writes the same files")
     config = getattr(model, CONFIGS_ATTR, {}).get(adapter_name)
-    if isinstance(config, Exception):
-        raise ValueError(f"dora_ext.save_adapter: adapter {adapter_name!r} came from a PEFT config dora_ext cannot "
-                         f"save faithfully ({config}); save it with PeftModel.save_pretrained") from config
     state, ranks, alphas = adapter_state_dict(model, adapter_name, as_dora)
     if config is None:
         raise ValueError(f"dora_ext.save_adapter: no DoRAConfig recorded for adapter {adapter_name!r} (was it added "
-                         "with dora_ext.inject / load_adapter / from_peft?)")
+                         "with dora_ext.inject or load_adapter?)")
     if ranks:  # folded: an ordinary adapter with per-layer ranks and scalings
         variant = "dora" if config.variant == "edora" else config.variant
         config = dataclasses.replace(config, variant=variant, dynamic_rank=False, use_rslora=False,

@@ -1,5 +1,5 @@
 """DynamicRankAllocator: prune gated rank-1 components to a global budget during training (Mao et al. 2024,
-"Dynamic Low-Rank Adaptation"; peft_and_family.md §2), for LoRA and for DoRA (the magnitude on top).
+"Dynamic Low-Rank Adaptation", arXiv 2405.17357, §3), for LoRA and for DoRA (the magnitude on top).
 
 Each dynamic adapter holds ΔW = s·Σ_i c_i·b_i·a_iᵀ (layers.Linear: lora_A rows a_i, lora_B columns b_i,
 lora_gate c, zero-initialised). After each optimizer step the user calls `allocator.step()`:

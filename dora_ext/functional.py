@@ -5,8 +5,8 @@ fused backward). Conv1d/2d/3d and Embedding: the convolution / gather stays in A
 elementwise pass next to it); what PEFT makes expensive there is the norm, which materialises the dense [out, in·k]
 ΔW and a copy of W every step, and that runs in the fused weight_norm op here.
 
-Several active adapters on one layer compose as PEFT does (peft_and_family.md §1.3.7), every one after the first
-through plain ATen ops: in eval, or without dropout, multiplicatively, y = g₂ ⊙ (y₁ − b + s₂·B₂A₂x) + b; in training
+Several active adapters on one layer compose as PEFT does (peft/tuners/lora/layer.py Linear.forward: each active
+adapter's variant.forward updates the running result), every one after the first through plain ATen ops: in eval, or without dropout, multiplicatively, y = g₂ ⊙ (y₁ − b + s₂·B₂A₂x) + b; in training
 with dropout p > 0, additively, y = y₁ + (g₂−1) ⊙ W·x_d + g₂ ⊙ s₂·B₂A₂x_d. Embeddings compose multiplicatively always.
 """
 
@@ -20,7 +20,7 @@ from torch import Tensor
 
 from . import ops
 
-__all__ = ["Adapter", "linear", "conv", "embedding", "autocast_dtype"]
+__all__ = ["Adapter", "linear", "conv", "embedding"]
 
 
 class Adapter(NamedTuple):
@@ -37,12 +37,6 @@ class Adapter(NamedTuple):
 def _gain(a: Adapter, norm: Tensor) -> Tensor:
     # Same clamp as the fused kernels (ops.NORM_EPS): an all-zero row gets a finite gain, not PEFT's NaN.
     return a.magnitude.reshape(-1) / norm.clamp_min(ops.NORM_EPS).to(a.magnitude.dtype)
-
-
-def autocast_dtype(t: Tensor) -> torch.dtype | None:
-    """The dtype an enclosing autocast region would run a linear/conv in, or None outside autocast."""
-    kind = t.device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
 
 
 def _dropped(x: Tensor, a: Adapter, training: bool) -> Tensor | None:
@@ -65,10 +59,6 @@ def _dora_update(result: Tensor, lora: Tensor, g: Tensor, bias: Tensor | None, x
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None, adapters: Sequence[Adapter], training: bool) -> Tensor:
     """Adapters over a frozen linear map. weight: [out, in] (a transposed view for fan_in_fan_out layers).
     A DoRA adapter first in line runs the fused op; plain-LoRA adapters (magnitude None) add s·B·A·x_d as PEFT does."""
-    dt = autocast_dtype(x)
-    if dt is not None:  # what F.linear does under autocast; the ops themselves are autocast-neutral
-        x, weight = x.to(dt), weight.to(dt)
-        bias = None if bias is None else bias.to(dt)
     first, rest = adapters[0], adapters[1:]
     if first.magnitude is not None:
         result = ops.dora_linear(x, weight, bias, first.lora_A, first.lora_B, first.magnitude, first.scaling,

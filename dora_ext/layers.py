@@ -1,5 +1,5 @@
 """Multi-adapter DoRA layers with PEFT 0.21's module layout, so state_dict keys, saved keys and from_peft sharing
-line up one to one with peft.tuners.lora.{Linear, Conv2d, Embedding} (peft_and_family.md §1.3.2):
+line up one to one with peft.tuners.lora.{Linear, Conv2d, Embedding} (peft/tuners/lora/layer.py: LoraLayer, Linear, Conv2d, Embedding):
 
     <layer>.base_layer.*                              the frozen wrapped layer
     <layer>.lora_A.<adapter>.weight                   [r, in]  (conv: [r, C_in, k…])
@@ -448,7 +448,7 @@ class Conv(DoRALayer):
         weight = self.weight if weight is None else weight
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
         r = A.shape[0]
-        dtype = torch.float64 if torch.float64 in (weight.dtype, A.dtype) else torch.float32
+        dtype = ops.accum_dtype(weight, A)
         with torch.no_grad():  # PEFT's (grouped) ΔW, dense: merging such layers is not supported anyway
             delta = (B.reshape(-1, r).to(dtype) @ A.reshape(r, -1).to(dtype)).reshape(weight.shape)
             return torch.linalg.vector_norm(weight.to(dtype) + self.scaling[name] * delta, dim=tuple(

@@ -1,4 +1,4 @@
-"""LoRA+ (Hayou, Ghosh, Yu 2024): B factors learn `ratio` times faster than A factors (peft_and_family.md §3).
+"""LoRA+ (Hayou, Ghosh, Yu 2024): B factors learn `ratio` times faster than A factors (arXiv 2402.12354, §4; PEFT: peft/optimizers/loraplus.py).
 
 Groups (every trainable parameter lands in exactly one):
   A        lora_A                                   lr,               weight_decay

@@ -1,8 +1,12 @@
-"""Functional API over torch.ops.dora_ext: per op a wrapper, a fake (shape) kernel and, where differentiable, an
+"""The op layer over torch.ops.dora_ext: per op a thin wrapper, a fake (shape) kernel and, where differentiable, an
 autograd registration, so eager mode, torch.compile(fullgraph=True) and torch.library.opcheck all work.
 
 Shapes: x[..., in], weight[out, in], bias[out], lora_A[r, in], lora_B[out, r], magnitude[out].
 The weight norm ‖W + s·B·A‖_row is a constant for autograd (DoRA, Liu et al. 2024, §4.3; PEFT detaches it too).
+
+Autocast has one rule, here: inside an autocast region dora_linear runs in the region's dtype, as F.linear would
+(x, W and the bias are cast to it; adapters, norm and gains keep their dtypes), and every op's own GEMMs then run
+with autocast off, so dispatch never re-casts what the kernels chose.
 """
 
 from __future__ import annotations
@@ -22,10 +26,15 @@ _ops = torch.ops.dora_ext
 NORM_EPS = 1e-6
 
 
+def autocast_dtype(t: Tensor) -> torch.dtype | None:
+    """The dtype an enclosing autocast region would run a linear in, or None outside autocast."""
+    kind = t.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+
+
 def autocast_off(t: Tensor):
-    """Ops are autocast-neutral: the ATen GEMMs inside them would otherwise be re-cast by an enclosing autocast
-    region (dispatch reaches the kernels with autocast still on), mixing dtypes the kernels did not choose.
-    Callers pick the dtypes (dora_ext.functional casts x and W to the autocast dtype, as F.linear would)."""
+    """The ATen GEMMs inside the ops would otherwise be re-cast by an enclosing autocast region (dispatch reaches
+    the kernels with autocast still on), mixing dtypes the kernels did not choose."""
     if torch.is_autocast_enabled(t.device.type):
         return torch.autocast(t.device.type, enabled=False)
     return contextlib.nullcontext()
@@ -87,6 +96,11 @@ def dora_linear(
     g = magnitude / max(weight_norm, NORM_EPS); weight_norm is computed when not given (pass a cached one to skip
     that pass). Gradients flow to x, x_drop, lora_A, lora_B, magnitude and bias; the weight must be frozen.
     """
+    dt = autocast_dtype(x)
+    if dt is not None:  # the module docstring's autocast rule: what F.linear does under autocast
+        x, weight = x.to(dt), weight.to(dt)
+        x_drop = None if x_drop is None else x_drop.to(dt)
+        bias = None if bias is None else bias.to(dt)
     with autocast_off(x):
         if weight_norm is None:
             weight_norm = _ops.weight_norm(weight, lora_A, lora_B, float(scaling))

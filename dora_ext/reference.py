@@ -13,10 +13,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .ops import accum_dtype  # the one dtype rule (float64 if any input is float64), shared with the kernels
+
 
 def weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
     """‖W + s·B·A‖₂ per output row, in float32 (float64 if any input is float64), detached."""
-    dtype = torch.float64 if torch.float64 in (weight.dtype, lora_A.dtype, lora_B.dtype) else torch.float32
+    dtype = accum_dtype(weight, lora_A, lora_B)
     with torch.no_grad():
         full = weight.to(dtype) + scaling * (lora_B.to(dtype) @ lora_A.to(dtype))
         return torch.linalg.vector_norm(full, dim=1)

@@ -7,7 +7,9 @@ import torch
 
 import dora_ext  # noqa: F401  (registers torch.ops.dora_ext)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "demo"))  # offline_models.py: shared with the demo
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "demo"))  # offline_models.py: the offline model loaders, shared with the demo
+sys.path.insert(0, str(ROOT / "benchmarks"))  # memory.py: the peak-memory probe, shared with the benchmarks
 
 
 def _devices():

@@ -7,7 +7,7 @@ from torch import nn
 import dora_ext
 from dora_ext import ops
 from dora_ext import reference as ref
-from dora_ext.memory import peak_memory
+from memory import peak_memory  # benchmarks/memory.py
 from helpers import assert_close, dtype_id
 
 

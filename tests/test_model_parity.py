@@ -121,7 +121,7 @@ def _two_adapter_pair(dropout):
 
 @pytest.mark.parametrize("mode", ["eval", "train_dropout"])
 def test_two_active_adapters_compose_as_peft(mode):
-    """eval: multiplicative composition; training with dropout: additive (peft_and_family.md §1.3.7)."""
+    """eval: multiplicative composition; training with dropout: additive (PEFT 0.21 Linear.forward: each variant updates the running result)."""
     pmodel, ours = _two_adapter_pair(0.2 if mode == "train_dropout" else 0.0)
     for m in (pmodel, ours):
         m.train(mode != "eval")

@@ -5,7 +5,7 @@ import torch
 
 from dora_ext import ops
 from dora_ext import reference as ref
-from dora_ext.memory import peak_memory
+from memory import peak_memory  # benchmarks/memory.py
 from helpers import as64, assert_close, dtype_id, make_dora_inputs
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
@@ -121,3 +121,21 @@ def test_zero_row_gives_finite_output(device):
     peft_like = ref.dora_linear(x, W, b, A, B, m, 1.0)  # eps=None: PEFT's arithmetic
     assert torch.isnan(peft_like[:, 3]).all()
     assert_close(y, ref.dora_linear(x, W, b, A, B, m, 1.0, eps=ops.NORM_EPS), torch.float64)
+
+
+@pytest.mark.parametrize("scale", [0.1, 0.5, 2.0])
+def test_norm_clamp_is_ops_NORM_EPS(device, scale):
+    """The kernels clamp the norm at kNormEps (csrc/dora_ext.h) and the Python side at ops.NORM_EPS: a row whose norm
+    is scale × NORM_EPS gets g = m / max(norm, eps) in both, which pins the two constants to each other (a different
+    kNormEps changes g for scale < 1; scale > 1 checks that rows above eps are not clamped)."""
+    W = torch.zeros(3, 4, dtype=torch.float64, device=device)
+    W[1, 0] = scale * ops.NORM_EPS  # row 1: norm = scale·eps; the others are O(1)
+    W[0], W[2] = torch.arange(1.0, 5.0), torch.ones(4)
+    A = torch.zeros(1, 4, dtype=torch.float64, device=device)
+    B = torch.zeros(3, 1, dtype=torch.float64, device=device)
+    m = torch.ones(3, dtype=torch.float64, device=device)
+    x = torch.ones(2, 4, dtype=torch.float64, device=device)
+    y = ops.dora_linear(x, W, None, A, B, m, 1.0)
+    g1 = 1.0 / max(scale * ops.NORM_EPS, ops.NORM_EPS)
+    torch.testing.assert_close(y[:, 1], torch.full((2,), g1 * scale * ops.NORM_EPS, dtype=torch.float64,
+                                                   device=device), atol=0, rtol=1e-12)

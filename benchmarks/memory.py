@@ -1,4 +1,5 @@
-"""Peak memory of one call, on CPU or CUDA, for benchmarks and for tests that assert no large temporaries."""
+"""Peak memory of one call, on CPU or CUDA: for the benchmarks, the demo and the tests that assert no large
+temporaries (not part of the installed package: it measures, it does not adapt)."""
 
 from __future__ import annotations
 
