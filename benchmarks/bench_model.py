@@ -24,20 +24,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dora_ext  # noqa: E402
-from bench_utils import device_slug, interleaved_ms, markdown_table, metadata, write_results  # noqa: E402
+from bench_utils import add_llama_args, build_llama, fill_llama_defaults, interleaved_ms, publish  # noqa: E402
 from memory import peak_memory  # noqa: E402
 
 PROVIDERS = ("peft_lora", "peft_dora", "dora_ext", "peft_dora_fused")
-
-
-def build_base(args, device, dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                      num_key_value_heads=args.heads, max_position_embeddings=args.seq)
-    return LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
 
 
 def build(provider: str, base, r: int):
@@ -72,8 +62,7 @@ def _eval_fn(model, ids, ctx):
 
 def run(args):
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
-    base = build_base(args, device, dtype)
+    base = build_llama(args, device)
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen).to(device)
     batch = {"input_ids": ids, "labels": ids}
@@ -111,44 +100,15 @@ def run(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, help="base dtype (default: bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--hidden", type=int, default=None)
-    p.add_argument("--intermediate", type=int, default=None)
-    p.add_argument("--layers", type=int, default=None)
-    p.add_argument("--heads", type=int, default=None)
-    p.add_argument("--seq", type=int, default=None)
-    p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--r", type=int, default=16)
+    add_llama_args(p)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--reps", type=int, default=None)
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
-    cuda = args.device.startswith("cuda")
-    # CUDA: a ~0.9B-parameter-class layer shape at 8k tokens; CPU: small enough for minutes on 2 cores.
-    defaults = dict(dtype="bfloat16", hidden=2048, intermediate=5632, layers=4, heads=16, seq=1024, batch=8,
-                    warmup=3, reps=10) if cuda else dict(dtype="float32", hidden=1024, intermediate=2816, layers=2,
-                                                          heads=8, seq=256, batch=2, warmup=2, reps=15)
-    for k, v in defaults.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    fill_llama_defaults(args, cuda=dict(warmup=3, reps=10), cpu=dict(warmup=2, reps=15))
     rows = run(args)
-    device = torch.device(args.device)
-    meta = metadata(device)
-    shape = (f"hidden={args.hidden} intermediate={args.intermediate} layers={args.layers} seq={args.seq} "
-             f"batch={args.batch} r={args.r} dtype={args.dtype}")
-    for r in rows:
-        r["shape"] = shape
-    slug = "model-" + device_slug(device)
-    write_results(os.path.join(args.out, slug + ".csv"), rows, meta)
-    table = markdown_table(rows, ["mode", "provider", "ms", "ms_p20", "ms_p80", "vs_peft_lora", "peak_mib"])
-    text = (f"# Model-level benchmark: {meta['device']}\n\n{shape}\n\n"
-            f"torch {meta['torch']}, peft {meta['peft']}, dora_ext {meta['dora_ext']} (git {meta['git_sha']}), "
-            f"{meta['timestamp']}. Command: `python benchmarks/bench_model.py`\n\n{table}\n")
-    with open(os.path.join(args.out, slug + ".md"), "w") as f:
-        f.write(text)
-    print(text)
+    print(publish(rows, args, torch.device(args.device), "model", "Model-level benchmark", "",
+                  "python benchmarks/bench_model.py",
+                  ["mode", "provider", "ms", "ms_p20", "ms_p80", "vs_peft_lora", "peak_mib"]))
 
 
 if __name__ == "__main__":

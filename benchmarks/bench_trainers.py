@@ -25,19 +25,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "demo"))  # offline_models: a tokenizer without download
 import dora_ext  # noqa: E402
-from bench_utils import device_slug, markdown_table, metadata, write_results  # noqa: E402
+from bench_utils import add_llama_args, build_llama, fill_llama_defaults, publish  # noqa: E402
 
 PROVIDERS = ("peft_lora", "peft_dora", "peft_dora_patched")
-
-
-def build_model(args, device):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                      num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
-                      max_position_embeddings=args.seq)
-    return LlamaForCausalLM(cfg).to(device=device, dtype=getattr(torch, args.dtype))
 
 
 def run_provider(provider, args, device, data, out_dir):
@@ -73,14 +63,14 @@ def run_provider(provider, args, device, data, out_dir):
 
             if tokenizer is None:
                 raise ImportError("no offline tokenizer for SFTTrainer")
-            trainer = SFTTrainer(model=build_model(args, device), args=SFTConfig(max_length=None, **common),
+            trainer = SFTTrainer(model=build_llama(args, device), args=SFTConfig(max_length=None, **common),
                                  train_dataset=Dataset.from_list(data), processing_class=tokenizer,
                                  peft_config=cfg, callbacks=[timer])
             kind = "trl.SFTTrainer"
         except ImportError:
             from transformers import Trainer, TrainingArguments
 
-            model = peft.get_peft_model(build_model(args, device), cfg)
+            model = peft.get_peft_model(build_llama(args, device), cfg)
             trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=data, callbacks=[timer])
             kind = "transformers.Trainer"
     trainer.train()
@@ -97,27 +87,12 @@ def _offline_tokenizer():
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--hidden", type=int, default=None)
-    p.add_argument("--intermediate", type=int, default=None)
-    p.add_argument("--layers", type=int, default=None)
-    p.add_argument("--heads", type=int, default=None)
-    p.add_argument("--seq", type=int, default=None)
-    p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--r", type=int, default=16)
+    add_llama_args(p)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
-    cuda = args.device.startswith("cuda")
-    defaults = dict(dtype="bfloat16", hidden=2048, intermediate=5632, layers=4, heads=16, seq=1024, batch=8) if cuda \
-        else dict(dtype="float32", hidden=1024, intermediate=2816, layers=2, heads=8, seq=256, batch=2)
-    for k, v in defaults.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    fill_llama_defaults(args)
     device = torch.device(args.device)
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, args.vocab, (args.batch * args.steps, args.seq), generator=gen)
@@ -132,20 +107,9 @@ def main(argv=None):
     lora = statistics.median(times["peft_lora"])
     rows = [dict(provider=p_, trainer=kind, steps_timed=len(ts), ms=round(statistics.median(ts), 2),
                  vs_peft_lora=round(statistics.median(ts) / lora, 3)) for p_, ts in times.items()]
-    meta = metadata(device)
-    shape = (f"hidden={args.hidden} intermediate={args.intermediate} layers={args.layers} seq={args.seq} "
-             f"batch={args.batch} r={args.r} dtype={args.dtype}, all-linear")
-    for r in rows:
-        r["shape"] = shape
-    slug = "trainers-" + device_slug(device)
-    write_results(os.path.join(args.out, slug + ".csv"), rows, meta)
-    text = (f"# Trainer-level benchmark: {meta['device']}\n\n{shape}; {kind} builds the PeftModel from peft_config\n\n"
-            f"torch {meta['torch']}, peft {meta['peft']}, dora_ext {meta['dora_ext']} (git {meta['git_sha']}), "
-            f"{meta['timestamp']}. Command: `python benchmarks/bench_trainers.py`\n\n"
-            f"{markdown_table(rows, ['provider', 'trainer', 'steps_timed', 'ms', 'vs_peft_lora'])}\n")
-    with open(os.path.join(args.out, slug + ".md"), "w") as f:
-        f.write(text)
-    print(text)
+    print(publish(rows, args, device, "trainers", "Trainer-level benchmark",
+                  f", all-linear; {kind} builds the PeftModel from peft_config", "python benchmarks/bench_trainers.py",
+                  ["provider", "trainer", "steps_timed", "ms", "vs_peft_lora"]))
 
 
 if __name__ == "__main__":

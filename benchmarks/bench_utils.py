@@ -125,3 +125,62 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     for row in rows:
         lines.append("| " + " | ".join(str(row[c]) for c in columns) + " |")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the Llama-style model benchmarks
+#: CUDA: a ~0.9B-parameter-class layer shape at 8k tokens; CPU: small enough for minutes on 2 cores.
+LLAMA_DEFAULTS = {"cuda": dict(dtype="bfloat16", hidden=2048, intermediate=5632, layers=4, heads=16, seq=1024, batch=8),
+                  "cpu": dict(dtype="float32", hidden=1024, intermediate=2816, layers=2, heads=8, seq=256, batch=2)}
+
+
+def add_llama_args(p) -> None:
+    """The model-shape arguments of the Llama-style benchmarks (None: LLAMA_DEFAULTS for the device)."""
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="base dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    for name in ("hidden", "intermediate", "layers", "heads", "seq", "batch"):
+        p.add_argument(f"--{name}", type=int, default=None)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+
+
+def fill_llama_defaults(args, **extra) -> None:
+    """Fill unset arguments from LLAMA_DEFAULTS (and `extra`: {"cuda": {...}, "cpu": {...}})."""
+    kind = "cuda" if args.device.startswith("cuda") else "cpu"
+    for k, v in {**LLAMA_DEFAULTS[kind], **extra.get(kind, {})}.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+
+
+def build_llama(args, device) -> torch.nn.Module:
+    """A LlamaForCausalLM from the shape arguments, random init (seed 0), in args.dtype on `device`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                      num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+                      max_position_embeddings=args.seq)
+    return LlamaForCausalLM(cfg).to(device=device, dtype=getattr(torch, args.dtype))
+
+
+def llama_shape(args) -> str:
+    return (f"hidden={args.hidden} intermediate={args.intermediate} layers={args.layers} seq={args.seq} "
+            f"batch={args.batch} r={args.r} dtype={args.dtype}")
+
+
+def publish(rows: list[dict], args, device, slug: str, title: str, note: str, command: str,
+            columns: list[str]) -> str:
+    """Write <out>/<slug>-<device>.csv and .md (device, versions and git sha on every row and in the header);
+    returns the markdown."""
+    meta = metadata(device)
+    shape = llama_shape(args)
+    for r in rows:
+        r["shape"] = shape
+    name = f"{slug}-{device_slug(device)}"
+    write_results(os.path.join(args.out, name + ".csv"), rows, meta)
+    text = (f"# {title}: {meta['device']}\n\n{shape}{note}\n\n"
+            f"torch {meta['torch']}, peft {meta['peft']}, dora_ext {meta['dora_ext']} (git {meta['git_sha']}), "
+            f"{meta['timestamp']}. Command: `{command}`\n\n{markdown_table(rows, columns)}\n")
+    with open(os.path.join(args.out, name + ".md"), "w") as f:
+        f.write(text)
+    return text
