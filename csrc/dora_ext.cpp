@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "dora_ext.h"
+#include "op_namespace.h"
 
 extern "C" {
 // Importing `dora_ext._C` from Python only has to load this shared object so that the static TORCH_LIBRARY
@@ -18,7 +19,7 @@ PyObject* PyInit__C(void) {
 }
 }
 
-TORCH_LIBRARY(dora_ext, m) {
+TORCH_LIBRARY_FOR(DORA_EXT_OPS_NS, m) {
     // Row norms of W + s·B·A, accumulated in fp32, without an [out, in] temporary.
     m.def("weight_norm(Tensor weight, Tensor lora_A, Tensor lora_B, float scaling) -> Tensor");
 

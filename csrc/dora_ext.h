@@ -87,8 +87,8 @@ struct Kernels {
 namespace cpu {
 extern const Kernels kKernels;
 }
-#ifdef DORA_EXT_WITH_CUDA
-namespace cuda {
+#if defined(DORA_EXT_WITH_CUDA) || defined(DORA_EXT_EMULATE_CUDA)
+namespace cuda {  // the CUDA kernels (cuda/kernels.cuh); in the emulation test build, run on the CPU
 extern const Kernels kKernels;
 }
 #endif

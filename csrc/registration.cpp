@@ -3,24 +3,25 @@
 #include <torch/library.h>
 
 #include "dora_ext.h"
+#include "op_namespace.h"
 
 namespace dora_ext {
 namespace {
 void register_kernels(torch::Library& m) {
-    m.impl("weight_norm", &weight_norm);
-    m.impl("dora_linear", &dora_linear);
-    m.impl("dora_linear_backward", &dora_linear_backward);
-    m.impl("dora_rescale", &dora_rescale);
-    m.impl("dora_rescale_backward", &dora_rescale_backward);
-    m.impl("merge_", &merge_);
-    m.impl("unmerge_", &unmerge_);
+    m.impl("weight_norm", DORA_EXT_IMPL(weight_norm));
+    m.impl("dora_linear", DORA_EXT_IMPL(dora_linear));
+    m.impl("dora_linear_backward", DORA_EXT_IMPL(dora_linear_backward));
+    m.impl("dora_rescale", DORA_EXT_IMPL(dora_rescale));
+    m.impl("dora_rescale_backward", DORA_EXT_IMPL(dora_rescale_backward));
+    m.impl("merge_", DORA_EXT_IMPL(merge_));
+    m.impl("unmerge_", DORA_EXT_IMPL(unmerge_));
 }
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dora_ext, CPU, m) { register_kernels(m); }
+TORCH_LIBRARY_IMPL_FOR(DORA_EXT_OPS_NS, CPU, m) { register_kernels(m); }
 
 #ifdef DORA_EXT_WITH_CUDA
-TORCH_LIBRARY_IMPL(dora_ext, CUDA, m) { register_kernels(m); }
+TORCH_LIBRARY_IMPL_FOR(DORA_EXT_OPS_NS, CUDA, m) { register_kernels(m); }
 #endif
 
 }  // namespace dora_ext

@@ -60,8 +60,7 @@ def _norm_dtype(weight: Tensor, lora_A: Tensor) -> torch.dtype:
     return accum_dtype(weight, lora_A)
 
 
-@torch.library.register_fake("dora_ext::weight_norm")
-def _(weight, lora_A, lora_B, scaling):
+def _weight_norm_fake(weight, lora_A, lora_B, scaling):
     return weight.new_empty((weight.shape[0],), dtype=_norm_dtype(weight, lora_A))
 
 
@@ -73,7 +72,6 @@ def _weight_norm_backward(ctx, grad):
     return None, None, None, None  # a constant by definition (DoRA §4.3)
 
 
-torch.library.register_autograd("dora_ext::weight_norm", _weight_norm_backward, setup_context=_weight_norm_setup)
 
 
 # ---------------------------------------------------------------------------------------------------- dora_linear
@@ -108,8 +106,7 @@ def dora_linear(
     return out
 
 
-@torch.library.register_fake("dora_ext::dora_linear")
-def _(x, x_drop, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling):
+def _dora_linear_fake(x, x_drop, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling):
     torch._check(
         x.shape[-1] == weight.shape[1],
         lambda: f"dora_ext::dora_linear: expected x of shape [..., {weight.shape[1]}], got {tuple(x.shape)}",
@@ -152,23 +149,21 @@ def _dora_linear_setup(ctx, inputs, output):
     )
 
 
-def _dora_linear_backward(ctx, grad_out, _grad_acc, _grad_u):
+def _dora_linear_backward(ctx, grad_out, _grad_acc, _grad_u, _ns=None):
     if grad_out is None:  # only reachable if the output was unused (grads are not materialised)
         return None, None, None, None, None, None, None, None, None
     x_src, weight, lora_A, lora_B, magnitude, weight_norm, acc, lora_u = ctx.saved_tensors
     with autocast_off(grad_out):  # backward() called inside an autocast region must not re-cast our GEMMs
-        gx, gxd, gA, gB, gm, gb = _ops.dora_linear_backward(
+        gx, gxd, gA, gB, gm, gb = (_ns or _ops).dora_linear_backward(
             grad_out, x_src, weight, lora_A, lora_B, magnitude, weight_norm, acc, lora_u, ctx.scaling, ctx.dropout,
             ctx.mask,
         )
     return gx, gxd, None, gb, gA, gB, gm, None, None
 
 
-torch.library.register_autograd("dora_ext::dora_linear", _dora_linear_backward, setup_context=_dora_linear_setup)
 
 
-@torch.library.register_fake("dora_ext::dora_linear_backward")
-def _(grad_out, x_src, weight, lora_A, lora_B, magnitude, weight_norm, acc, lora_u, scaling, dropout, output_mask):
+def _dora_linear_backward_fake(grad_out, x_src, weight, lora_A, lora_B, magnitude, weight_norm, acc, lora_u, scaling, dropout, output_mask):
     need_x, need_xd, need_A, need_B, need_m, need_bias = output_mask
     x_shape = (*grad_out.shape[:-1], weight.shape[1])
     return (
@@ -197,8 +192,7 @@ def dora_rescale(result: Tensor, lora_u: Tensor, lora_B: Tensor, magnitude: Tens
     return out
 
 
-@torch.library.register_fake("dora_ext::dora_rescale")
-def _(result, base, bias, lora_u, lora_B, magnitude, weight_norm, scaling):
+def _dora_rescale_fake(result, base, bias, lora_u, lora_B, magnitude, weight_norm, scaling):
     torch._check(
         result.shape[-1] == lora_B.shape[0],
         lambda: f"dora_ext::dora_rescale: expected result of shape [..., {lora_B.shape[0]}], got {tuple(result.shape)}",
@@ -223,7 +217,7 @@ def _dora_rescale_setup(ctx, inputs, output):
     ctx.save_for_backward(lora_u if need[4] else None, lora_B, magnitude, weight_norm, acc if need[5] else None)
 
 
-def _dora_rescale_backward(ctx, grad_out, _grad_acc):
+def _dora_rescale_backward(ctx, grad_out, _grad_acc, _ns=None):
     if grad_out is None:
         return (None,) * 8
     lora_u, lora_B, magnitude, weight_norm, acc = ctx.saved_tensors
@@ -233,18 +227,16 @@ def _dora_rescale_backward(ctx, grad_out, _grad_acc):
     # With base, d out / d result is the identity: result's gradient is grad_out itself, no kernel needed.
     mask = [need_result and not ctx.has_base, need_base, need_u, need_B, need_m]
     with autocast_off(grad_out):
-        g_result, g_base, g_u, g_B, g_m = _ops.dora_rescale_backward(
+        g_result, g_base, g_u, g_B, g_m = (_ns or _ops).dora_rescale_backward(
             grad_out, lora_u, lora_B, magnitude, weight_norm, acc, ctx.scaling, ctx.has_base, mask)
     if need_result and ctx.has_base:
         g_result = grad_out
     return g_result, g_base, None, g_u, g_B, g_m, None, None
 
 
-torch.library.register_autograd("dora_ext::dora_rescale", _dora_rescale_backward, setup_context=_dora_rescale_setup)
 
 
-@torch.library.register_fake("dora_ext::dora_rescale_backward")
-def _(grad_out, lora_u, lora_B, magnitude, weight_norm, acc, scaling, has_base, output_mask):
+def _dora_rescale_backward_fake(grad_out, lora_u, lora_B, magnitude, weight_norm, acc, scaling, has_base, output_mask):
     need_result, need_base, need_u, need_B, need_m = output_mask
     return (
         torch.empty_like(grad_out) if need_result else None,
@@ -269,3 +261,22 @@ def unmerge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, 
     """In place inverse of merge_ with the weight_norm cached at merge time: weight ← weight / g − s·B·A."""
     with autocast_off(weight):
         _ops.unmerge_(weight, lora_A, lora_B, magnitude, weight_norm, float(scaling))
+
+
+# ------------------------------------------------------------------------------------------- registration
+def register_namespace(ns: str) -> None:
+    """Fake kernels and autograd for every op of namespace `ns`: "dora_ext", and the CUDA-emulation test library's
+    "dora_ext_emu", which has the same schemas. Each namespace's backward calls its own backward op."""
+    ops_ns = getattr(torch.ops, ns)
+    for name in ("weight_norm", "dora_linear", "dora_linear_backward", "dora_rescale", "dora_rescale_backward"):
+        torch.library.register_fake(f"{ns}::{name}", globals()[f"_{name}_fake"])
+    torch.library.register_autograd(f"{ns}::weight_norm", _weight_norm_backward, setup_context=_weight_norm_setup)
+    torch.library.register_autograd(
+        f"{ns}::dora_linear", lambda ctx, *g: _dora_linear_backward(ctx, *g, _ns=ops_ns),
+        setup_context=_dora_linear_setup)
+    torch.library.register_autograd(
+        f"{ns}::dora_rescale", lambda ctx, *g: _dora_rescale_backward(ctx, *g, _ns=ops_ns),
+        setup_context=_dora_rescale_setup)
+
+
+register_namespace("dora_ext")

@@ -1,0 +1,211 @@
+"""Every CUDA kernel executed in CI: csrc/cuda/kernels.cuh compiled as host C++ over the CPU emulation
+(csrc/cuda/emulation.h: one fiber per CUDA thread, run barrier to barrier in ascending and in descending thread order,
+shared memory and fresh allocations NaN-filled), with the real extension's schemas and host ops, as the test-only
+library `dora_ext_emu`. Each test runs the op layer through the emulated CUDA kernels and compares with the CPU
+kernels (torch.ops.dora_ext) and the float64 reference, on small awkward shapes: 1, 7, 33 and 257 rows (the norm
+kernel's blocks hold 8 rows, the column kernels' 256 columns and 4 rows per thread, the reduction chunks 64 rows),
+r = 1, 3, 64, in_features not a multiple of the block, strided and transposed weights, four dtypes, empty inputs.
+
+Tolerances: the emulated kernels and the CPU kernels sum in different orders (the norm: per-thread partial sums
+then a tree, against a row-blocked BLAS norm), so they agree to the compute dtype's rounding (helpers.TOLERANCES);
+the float64 runs are held to 1e-10 against the float64 reference. A NaN anywhere (a read of memory nobody wrote)
+fails every comparison.
+
+What this cannot see and only a GPU run can: memory coalescing and speed, real warp scheduling, the driver, launch
+overheads, and numerics of the device's own math (fused multiply-adds).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from dora_ext import ops
+from dora_ext import reference as ref
+from helpers import TOLERANCES, as64, dtype_id
+
+ROOT = Path(__file__).resolve().parents[1]
+HOST_SOURCES = ["csrc/dora_ext.cpp", "csrc/registration.cpp", "csrc/dora_linear.cpp", "csrc/dora_rescale.cpp",
+                "csrc/weight_ops.cpp", "tests/cuda_emulation/emulated_kernels.cpp"]
+
+
+@pytest.fixture(scope="session")
+def emu():
+    """Build (once; cached in build/cuda_emulation) and load the emulation library; its fakes and autograd."""
+    from torch.utils.cpp_extension import load
+
+    build = ROOT / "build" / "cuda_emulation"
+    build.mkdir(parents=True, exist_ok=True)
+    load(name="dora_ext_emulated", sources=[str(ROOT / s) for s in HOST_SOURCES], build_directory=str(build),
+         extra_cflags=["-O2", "-DDORA_EXT_EMULATE_CUDA", "-DDORA_EXT_OPS_NS=dora_ext_emu", "-Wno-unknown-pragmas"],
+         is_python_module=False, verbose=bool(os.environ.get("DORA_EXT_VERBOSE_BUILD")))
+    ops.register_namespace("dora_ext_emu")
+    return torch.ops.dora_ext_emu
+
+
+@pytest.fixture(params=["ascending", "descending"])
+def order(request, emu):
+    emu.set_thread_order(request.param == "descending")
+    yield request.param
+    emu.set_thread_order(False)
+
+
+@contextlib.contextmanager
+def using(namespace):
+    """Route the whole op layer (ops.py: forward, backward, merge) through `namespace`'s kernels (each namespace's
+    autograd calls its own backward op: ops.register_namespace)."""
+    previous, ops._ops = ops._ops, namespace
+    try:
+        yield
+    finally:
+        ops._ops = previous
+
+
+@pytest.fixture
+def via_emulation(emu):
+    with using(emu):
+        yield emu
+
+
+def close(actual, expected, dtype, msg):
+    assert torch.isfinite(actual).all(), f"{msg}: non-finite values (a read of unwritten memory?)"
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(actual.double(), expected.double(), atol=tol["atol"], rtol=tol["rtol"],
+                               msg=lambda m: f"{msg}: {m}")
+
+
+def inputs(out_f, in_f, r, dtype, *, lead=(5,), transposed=False, strided=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    x = rnd(*lead, in_f).to(dtype)
+    if transposed:  # a Conv1D / fan_in_fan_out weight: [in, out] storage, used as its [out, in] transpose
+        W = (rnd(in_f, out_f) / in_f**0.5).to(dtype).T
+    elif strided:  # every other column of a wider matrix
+        W = (rnd(out_f, 2 * in_f) / in_f**0.5).to(dtype)[:, ::2]
+    else:
+        W = (rnd(out_f, in_f) / in_f**0.5).to(dtype)
+    adapter = torch.float64 if dtype == torch.float64 else torch.float32
+    A = (rnd(r, in_f) / in_f**0.5).to(adapter)
+    B = (rnd(out_f, r) / r**0.5).to(adapter)
+    b = rnd(out_f).to(dtype)
+    m = ((1 + 0.1 * rnd(out_f)) * W.double().norm(dim=1)).to(adapter)
+    return x, W, b, A, B, m
+
+
+ROWS = [1, 7, 33, 257]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+# ------------------------------------------------------------------------------------ the low-rank row kernel
+@pytest.mark.parametrize("out_f", ROWS)
+@pytest.mark.parametrize("in_f,r", [(1, 1), (7, 3), (300, 64), (600, 3)])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])
+def test_weight_norm_and_merge_kernels(emu, order, out_f, in_f, r, layout):
+    for dtype in DTYPES:
+        x, W, b, A, B, m = inputs(out_f, in_f, r, dtype, transposed=layout == "transposed",
+                                  strided=layout == "strided")
+        acc = ops.accum_dtype(W, A)
+        got = emu.weight_norm(W, A, B, 0.7)
+        close(got, torch.ops.dora_ext.weight_norm(W, A, B, 0.7), acc, f"weight_norm {dtype_id(dtype)} vs CPU")
+        close(got, ref.weight_norm(*as64(W, A, B), 0.7), acc, f"weight_norm {dtype_id(dtype)} vs float64")
+        norm = got
+        W_emu, W_cpu = W.clone(), W.clone()
+        if layout == "transposed":  # keep the transposed storage the kernel must write through
+            W_emu, W_cpu = W.T.clone().T, W.T.clone().T
+        emu.merge_(W_emu, A, B, m, norm, 0.7)
+        torch.ops.dora_ext.merge_(W_cpu, A, B, m, norm, 0.7)
+        close(W_emu, W_cpu, dtype, f"merge_ {dtype_id(dtype)} vs CPU")
+        close(W_emu, ref.merged_weight(*as64(W, A, B, m), 0.7), dtype, f"merge_ {dtype_id(dtype)} vs float64")
+        emu.unmerge_(W_emu, A, B, m, norm, 0.7)
+        close(W_emu, W, dtype if dtype == torch.float64 else torch.bfloat16, f"unmerge_ {dtype_id(dtype)}")
+
+
+# ------------------------------------------------------------------- forward epilogues and the fused backward
+@pytest.mark.parametrize("T", ROWS)
+@pytest.mark.parametrize("out_f", [1, 7, 257, 300])
+@pytest.mark.parametrize("dropout", [False, True])
+def test_dora_linear_forward_backward_kernels(via_emulation, order, T, out_f, dropout):
+    for dtype in DTYPES:
+        x, W, b, A, B, m = inputs(out_f, 13, 3, dtype, lead=(T,))
+        x_drop = (x * 0.5) if dropout else None
+        results = {}
+        for name, namespace in (("emulated", via_emulation), ("cpu", torch.ops.dora_ext)):
+            xs, As, Bs, ms = (t.clone().requires_grad_() for t in (x, A, B, m))
+            xds = x_drop.clone().requires_grad_() if dropout else None
+            with using(namespace):
+                y = ops.dora_linear(xs, W, b, As, Bs, ms, 0.8, x_drop=xds)
+                w = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).reshape(y.shape).to(dtype)
+                (y * w).sum().backward()
+            results[name] = [y] + [t.grad for t in (xs, As, Bs, ms)] + ([xds.grad] if dropout else [])
+        for i, (a, e) in enumerate(zip(results["emulated"], results["cpu"])):
+            grad_dtype = dtype if i in (0, 1, 5) else (torch.float64 if dtype == torch.float64 else torch.bfloat16)
+            scale = e.double().abs().max().item() or 1.0  # gradients are sums over T rows: their own scale
+            close(a / scale, e / scale, grad_dtype, f"{dtype_id(dtype)} output/grad {i}")
+
+
+@pytest.mark.parametrize("T", [1, 33, 257])
+@pytest.mark.parametrize("has_base", [False, True])
+def test_dora_rescale_kernels(emu, order, T, has_base):
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        x, W, b, A, B, m = inputs(257, 9, 3, dtype, lead=(T,))
+        norm = torch.ops.dora_ext.weight_norm(W, A, B, 0.5)
+        result = torch.nn.functional.linear(x, W, b)
+        u = (x.to(A.dtype) @ A.T).to(dtype)
+        base = torch.nn.functional.linear(x * 0.5, W) if has_base else None
+        bias = None if has_base else b
+        got, acc = emu.dora_rescale(result, base, bias, u, B, m, norm, 0.5)
+        want, acc_cpu = torch.ops.dora_ext.dora_rescale(result, base, bias, u, B, m, norm, 0.5)
+        close(got, want, dtype, f"dora_rescale {dtype_id(dtype)}")
+        grad = torch.randn(got.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+        mask = [not has_base, has_base, True, True, True]
+        for a, e in zip(emu.dora_rescale_backward(grad, u, B, m, norm, acc, 0.5, has_base, mask),
+                        torch.ops.dora_ext.dora_rescale_backward(grad, u, B, m, norm, acc_cpu, 0.5, has_base, mask)):
+            if e is not None:
+                scale = e.double().abs().max().item() or 1.0
+                close(a / scale, e / scale, torch.float64 if dtype == torch.float64 else torch.bfloat16,
+                      f"dora_rescale_backward {dtype_id(dtype)}")
+
+
+# ------------------------------------------------------------------------------------- the whole op layer
+def test_layers_train_and_merge_through_emulated_kernels(via_emulation, order):
+    """DoRALinear over a Conv1D-style transposed weight and the multi-adapter layers: forward, backward and merge
+    run the emulated CUDA kernels and match float64."""
+    import dora_ext
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(33, 257, dtype=torch.float64)
+    layer = dora_ext.DoRALinear.from_linear(lin, r=3, dropout=0.0)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.magnitude.mul_(1.1)
+    x = torch.randn(7, 33, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    expected = ref.dora_linear(*as64(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.magnitude),
+                               layer.scaling)
+    torch.testing.assert_close(y, expected, atol=1e-10, rtol=1e-10)
+    y.square().sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (x, layer.lora_A, layer.lora_B, layer.magnitude))
+    layer.eval()
+    with torch.no_grad():
+        before = layer(x)
+        layer.merge()
+        torch.testing.assert_close(layer(x), before, atol=1e-10, rtol=1e-10)
+        layer.unmerge()
+        torch.testing.assert_close(layer.weight, lin.weight, atol=1e-12, rtol=1e-12)
+
+
+# ------------------------------------------------------------------------------------ zero sizes and limits
+@pytest.mark.parametrize("T,in_f,out_f", [(0, 5, 7), (5, 0, 7), (5, 7, 0), (0, 0, 0)])
+def test_empty_inputs_launch_nothing_invalid(via_emulation, T, in_f, out_f):
+    """Zero-size dimensions: the launchers must not launch a 0-block grid (a CUDA error, which the emulation checks)."""
+    x, W, b, A, B, m = inputs(out_f, in_f, 2, torch.float32, lead=(T,))
+    for t in (x, A, B, m):
+        t.requires_grad_()
+    y = ops.dora_linear(x, W, b, A, B, m, 0.5, x_drop=x * 0.5)
+    y.sum().backward()
+    W2 = W.clone()
+    ops.merge_(W2, A.detach(), B.detach(), m.detach(), ops.weight_norm(W, A, B, 0.5), 0.5)
