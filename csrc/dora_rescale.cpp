@@ -4,6 +4,7 @@
 //
 //   base None (eval, or no dropout):  out = g ⊙ (result − bias + s·u Bᵀ) + bias      (PEFT's multiplicative form)
 //   base = x_d Wᵀ (training, p > 0):  out = result + (g−1) ⊙ base + g ⊙ s·u Bᵀ        (PEFT's additive form)
+// (the first is the second with base = result − bias, and is computed that way: see below)
 //
 // with u = x Aᵀ (or x_d Aᵀ) [T, r] from the caller's GEMM. Everything is in result's dtype; g, g−1 and the
 // reductions in fp32 (fp64 for fp64). The output is allocated in its final shape: never a view.
@@ -56,19 +57,15 @@ std::tuple<at::Tensor, at::Tensor> dora_rescale(const at::Tensor& result, const 
     auto out = at::empty(result.sizes(), result.options());
     auto out2 = out.view({T, out_f});
     const bool nonempty = out2.numel() > 0;
-    if (!base) {
-        const auto gn = gains(magnitude, weight_norm, acc_t, false);
-        auto acc = bias ? res2 - *bias : res2.clone(at::MemoryFormat::Contiguous);
-        acc.addmm_(u2, B.t(), 1.0, scaling);  // acc = result − bias + s·u Bᵀ, one rounding in the GEMM
-        const at::Tensor bias_t = bias ? bias->contiguous() : at::Tensor();
-        if (nonempty) k.epilogue(out2, acc, gn.g, bias_t);
-        return {out, acc};
-    }
+    // Both forms are evaluated as PEFT writes them, out = result + (g−1) ⊙ base + g ⊙ s·q (without base, base is
+    // result − bias), so an untrained adapter (B = 0, m = the forward's own norm: g = 1, g−1 = 0) returns `result`
+    // bit for bit, as PEFT does; acc ← base + s·q, the pre-scale sum the magnitude gradient needs.
     const auto gn = gains(magnitude, weight_norm, acc_t, true);
     out2.copy_(res2);
-    auto acc = base->reshape({T, out_f}).clone(at::MemoryFormat::Contiguous);
+    auto acc = base ? base->reshape({T, out_f}).clone(at::MemoryFormat::Contiguous)
+                    : (bias ? res2 - *bias : res2.clone(at::MemoryFormat::Contiguous));
     const auto q = at::mm(u2, B.t());
-    if (nonempty) k.epilogue_dropout(out2, acc, q, gn.g, gn.gm1, at::Tensor(), scaling);  // acc ← base + s·q
+    if (nonempty) k.epilogue_dropout(out2, acc, q, gn.g, gn.gm1, at::Tensor(), scaling);
     return {out, acc};
 }
 

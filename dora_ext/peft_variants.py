@@ -69,6 +69,12 @@ def _weight_norm(module: nn.Module, adapter: str, weight2d: Tensor, A2d: Tensor,
                       lambda: ops.weight_norm(weight2d, A2d, B2d, scaling))
 
 
+@torch.no_grad()
+def _set_magnitude(module: nn.Module, adapter: str, norm: Tensor) -> None:
+    magnitude = module.lora_magnitude_vector[adapter].weight
+    magnitude.copy_(norm.reshape(magnitude.shape).to(magnitude.dtype))
+
+
 def _dropout_active(module: nn.Module, adapter: str) -> bool:
     return module.training and not isinstance(module.lora_dropout[adapter], nn.Identity)
 
@@ -85,6 +91,17 @@ def _variant_classes():
     class FusedDoraLinearVariant(pv.DoraLinearVariant):
         """PEFT's DoraLinearVariant (nn.Linear, transformers Conv1D, and the quantized layers that dequantize)
         with a fused forward: y = g ⊙ (result − b + s·(x Aᵀ) Bᵀ) + b, or PEFT's dropout form."""
+
+        @staticmethod
+        def init(module, adapter_name, **kwargs):
+            pv.DoraLinearVariant.init(module, adapter_name, **kwargs)
+            # The magnitude from the same fused norm the forward computes, so an untrained adapter has g = 1
+            # exactly and returns the base output bit for bit, as PEFT's own init does with its own norm.
+            base_layer = module.get_base_layer()
+            weight = transpose(dequantize_module_weight(base_layer), module.fan_in_fan_out)
+            _set_magnitude(module, adapter_name, ops.weight_norm(
+                weight, module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight,
+                module.scaling[adapter_name]))
 
         @staticmethod
         def forward(module, active_adapter, x, result, **kwargs):
@@ -113,6 +130,13 @@ def _variant_classes():
         """PEFT's DoraEmbeddingVariant with the fused norm (over the vocabulary, one gain per embedding dim)."""
 
         @staticmethod
+        def init(module, adapter_name, **kwargs):
+            pv.DoraEmbeddingVariant.init(module, adapter_name, **kwargs)
+            _set_magnitude(module, adapter_name, ops.weight_norm(
+                module.get_base_layer().weight.T, module.lora_embedding_A[adapter_name],
+                module.lora_embedding_B[adapter_name], module.scaling[adapter_name]))
+
+        @staticmethod
         def forward(module, active_adapter, x, result, **kwargs):
             a = active_adapter
             A, B = module.lora_embedding_A[a], module.lora_embedding_B[a]  # [r, vocab], [dim, r]
@@ -131,16 +155,28 @@ def _variant_classes():
         PEFT's dense norm, as the reshape of B·A to W's shape only holds per group there)."""
 
         @staticmethod
-        def forward(module, active_adapter, x, result, **kwargs):
+        def _norm_args(module, a):
+            """(W, A, B) as the fused norm takes them: [C_out, C_in·k], [r, C_in·k], [C_out, r]."""
+            weight, A = module.get_base_layer().weight, module.lora_A[a].weight
+            r = A.shape[0]
+            return weight.view(weight.shape[0], -1), A.view(r, -1), module.lora_B[a].weight.view(-1, r)
+
+        @classmethod
+        def init(cls, module, adapter_name, **kwargs):
+            super().init(module, adapter_name, **kwargs)
+            if module.get_base_layer().groups == 1:  # grouped convolutions keep PEFT's norm (see forward)
+                _set_magnitude(module, adapter_name, ops.weight_norm(*cls._norm_args(module, adapter_name),
+                                                                     module.scaling[adapter_name]))
+
+        @classmethod
+        def forward(cls, module, active_adapter, x, result, **kwargs):
             a = active_adapter
             base_layer = module.get_base_layer()
             if base_layer.groups > 1 or module.lora_bias.get(a, False):
                 return pv._DoraConvNdVariant.forward(module, a, x, result, **kwargs)
             lora_A, lora_B = module.lora_A[a], module.lora_B[a]
             weight, scaling = base_layer.weight, module.scaling[a]
-            r = lora_A.weight.shape[0]
-            norm = _weight_norm(module, a, weight.view(weight.shape[0], -1), lora_A.weight.view(r, -1),
-                                lora_B.weight.view(-1, r), scaling)
+            norm = _weight_norm(module, a, *cls._norm_args(module, a), scaling)
             view = (1, -1) + (1,) * (result.dim() - 2)
             magnitude = module.lora_magnitude_vector[a].weight  # [1, C_out, 1…]
             g = magnitude / norm.clamp_min(ops.NORM_EPS).to(magnitude.dtype).view(view)

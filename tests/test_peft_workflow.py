@@ -159,7 +159,15 @@ def test_save_pretrained_with_selected_adapters_writes_peft_files(tmp_path):
         m.save_pretrained(str(tmp_path / key), selected_adapters=["second"])
     a = safetensors.torch.load_file(str(tmp_path / "ref" / "second" / "adapter_model.safetensors"))
     b = safetensors.torch.load_file(str(tmp_path / "ours" / "second" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys() and a and all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys() and a
+    for k in a:
+        if "lora_magnitude_vector" in k:
+            # a fused adapter's initial magnitude is the fused norm (so that g = 1 exactly at init: see
+            # test_untrained_fused_adapters_return_the_base_output_bit_for_bit), PEFT's is its dense norm: the same
+            # norm summed in another order, u·√K relative (fp32, K ≤ 144 terms: ~1e-6 at most)
+            torch.testing.assert_close(b[k], a[k], atol=0, rtol=1e-6, msg=lambda m: f"{k}: {m}")
+        else:
+            assert torch.equal(a[k], b[k]), k
     assert not (tmp_path / "ours" / "adapter_model.safetensors").exists()  # "default" was not selected
     with pytest.raises(ValueError, match="save it with its own PeftModel.save_pretrained"):
         dora_ext.save_adapter(ours, tmp_path / "x")
@@ -369,3 +377,22 @@ def test_trl_sft_trainer_with_patched_peft_gives_peft_losses(tmp_path):
         losses[key] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses["ref"]) == 3
     assert losses["ours"] == pytest.approx(losses["ref"], rel=1e-4)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_untrained_fused_adapters_return_the_base_output_bit_for_bit(dropout):
+    """PEFT's init makes m its own forward's norm, so g = m/n is exactly 1 and an untrained DoRA adapter returns
+    the base layer's output bit for bit; the fused variants initialise m with the fused norm their forward uses,
+    and evaluate PEFT's form result + (g−1)·base + g·lora, so the same holds (Linear, Conv1D, Embedding, Conv)."""
+    torch.manual_seed(0)
+    base = Toy()
+    reference = copy.deepcopy(base)
+    with dora_ext.peft_patched():
+        model = peft.get_peft_model(base, dora_cfg(lora_dropout=dropout))
+    assert_all_fused(model)
+    inputs = toy_inputs()
+    for train in (True, False):
+        model.train(train)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            torch.testing.assert_close(out(model, inputs), flat(reference(*inputs)), atol=0, rtol=0)
