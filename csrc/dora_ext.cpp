@@ -34,10 +34,12 @@ TORCH_LIBRARY_FOR(DORA_EXT_OPS_NS, m) {
 
     // Gradients of dora_linear; output_mask selects (x, x_drop, lora_A, lora_B, magnitude, bias).
     // x_src is x_drop when dropout is true, else x; it is only needed for the lora_A gradient.
+    // acc_is_output: `acc` is the op's output itself (no bias, no dropout: out = g ⊙ acc), whose Σ δ ⊙ out over
+    // g·n gives the magnitude gradient, so the forward need not keep acc alive.
     m.def(
         "dora_linear_backward(Tensor grad_out, Tensor? x_src, Tensor weight, Tensor lora_A, Tensor lora_B, "
         "Tensor magnitude, Tensor weight_norm, Tensor? acc, Tensor? lora_u, float scaling, bool dropout, "
-        "bool[6] output_mask) -> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
+        "bool[6] output_mask, bool acc_is_output=False) -> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
 
     // The DoRA update of a base output computed elsewhere (a PEFT LoRA variant gets base_layer(x) as `result`),
     // g = magnitude / max(weight_norm, eps), lora_u = x Aᵀ (or x_drop Aᵀ) [..., r]:

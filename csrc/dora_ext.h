@@ -37,7 +37,7 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor, OptTensor> dor
     const at::Tensor& grad_out, const std::optional<at::Tensor>& x_src, const at::Tensor& weight,
     const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude, const at::Tensor& weight_norm,
     const std::optional<at::Tensor>& acc, const std::optional<at::Tensor>& lora_u, double scaling, bool dropout,
-    std::array<bool, 6> output_mask);
+    std::array<bool, 6> output_mask, bool acc_is_output);
 
 std::tuple<at::Tensor, at::Tensor> dora_rescale(const at::Tensor& result, const std::optional<at::Tensor>& base,
                                                 const std::optional<at::Tensor>& bias, const at::Tensor& lora_u,

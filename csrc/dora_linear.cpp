@@ -75,7 +75,7 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor, OptTensor> dor
     const at::Tensor& grad_out, const std::optional<at::Tensor>& x_src, const at::Tensor& weight,
     const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude, const at::Tensor& weight_norm,
     const std::optional<at::Tensor>& acc, const std::optional<at::Tensor>& lora_u, double scaling, bool dropout,
-    std::array<bool, 6> output_mask) {
+    std::array<bool, 6> output_mask, bool acc_is_output) {
     const char* op = "dora_linear_backward";
     check_lowrank(op, weight, lora_A, lora_B);
     check_scaling(op, scaling);
@@ -85,6 +85,7 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor, OptTensor> dor
     const auto [need_x, need_xd, need_A, need_B, need_m, need_bias] = output_mask;
     DORA_CHECK(op, !need_xd || dropout, "a gradient for x_drop was requested without dropout");
     DORA_CHECK(op, !need_A || x_src, "the lora_A gradient needs x_src");
+    DORA_CHECK(op, !acc_is_output || !dropout, "acc_is_output needs the form without dropout (out = g ⊙ acc)");
     const int64_t T = leading_rows(grad_out);
     if (x_src) check_activation(op, "x_src", *x_src, weight, in_f, "in_features of weight");
     check_saved(op, lora_u, acc, need_B, need_m, T, out_f, lora_A.size(0));
@@ -114,7 +115,12 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor, OptTensor> dor
     }
     if (need_A) gA = at::mm(zs.t(), x_src->reshape({T, in_f})).to(lora_A.scalar_type());
     if (need_B) gB = at::mm(red.grad_scaled.t(), *lora_u * scaling).to(lora_B.scalar_type());
-    if (need_m) gm = (red.dot / gn.n).to(magnitude.scalar_type());
+    // When acc is the output (out = g ⊙ acc, g = m / n): Σ δ ⊙ acc / n = Σ δ ⊙ out / (g·n) = Σ δ ⊙ out / m, which
+    // needs m ≠ 0 (the caller passes the output only then).
+    if (need_m) {
+        gm = (acc_is_output ? red.dot / magnitude.to(red.dot.scalar_type()) : red.dot / gn.n)
+                 .to(magnitude.scalar_type());
+    }
     if (need_bias) gb = red.colsum.to(dtype);
     return {gx, gxd, gA, gB, gm, gb};
 }

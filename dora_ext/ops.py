@@ -136,6 +136,18 @@ def _dora_linear_setup(ctx, inputs, output):
     # (x, x_drop, lora_A, lora_B, magnitude, bias), the order of dora_linear_backward's output_mask.
     ctx.mask = [need[0], need[1], need[4], need[5], need[6], need[3]]
     x_src = x_drop if ctx.dropout else x
+    # The magnitude gradient Σ_t δ ⊙ acc / n needs the pre-scale sum acc [T, out]. Without bias and dropout the
+    # output is g ⊙ acc, so the output itself serves (Σ δ ⊙ out / m), and the output usually stays alive anyway (the
+    # next op saves it: SiLU, the gate product, attention's v): the forward then keeps no [T, out] tensor of its own.
+    # It is held as a detached alias (same storage and version counter, no reference to the graph, so no cycle); if
+    # the caller modifies the output in place (ReLU(inplace=True), y += r) the version moves and backward recomputes
+    # acc with one GEMM instead of failing. Rows with m = 0 (out = 0 carries no acc) keep the saved acc.
+    ctx.out_alias = None
+    use_output = (need[6] and need[4] and _MAGNITUDE_GRAD_FROM_OUTPUT and bias is None and not ctx.dropout
+                  and _is_real(magnitude) and not bool((magnitude == 0).any()))
+    if use_output:
+        ctx.out_alias = output[0].detach()
+        ctx.out_version = ctx.out_alias._version
     # Save only what the requested gradients read: x_src for lora_A, lora_u for lora_B, acc for the magnitude.
     ctx.save_for_backward(
         x_src if need[4] else None,
@@ -144,7 +156,7 @@ def _dora_linear_setup(ctx, inputs, output):
         lora_B,
         magnitude,
         weight_norm,
-        acc if need[6] else None,
+        acc if need[6] and not use_output else None,
         lora_u if need[5] else None,
     )
 
@@ -153,17 +165,48 @@ def _dora_linear_backward(ctx, grad_out, _grad_acc, _grad_u, _ns=None):
     if grad_out is None:  # only reachable if the output was unused (grads are not materialised)
         return None, None, None, None, None, None, None, None, None
     x_src, weight, lora_A, lora_B, magnitude, weight_norm, acc, lora_u = ctx.saved_tensors
+    acc_is_output = False
+    if ctx.out_alias is not None:
+        out = ctx.out_alias
+        if out._version == ctx.out_version:  # the output as the forward wrote it
+            acc, acc_is_output = out.reshape(-1, out.shape[-1]), True
+        else:  # modified in place since: recompute acc = x Wᵀ + s·(x Aᵀ) Bᵀ as the forward did
+            x2 = x_src.reshape(-1, x_src.shape[-1])
+            u = lora_u if lora_u is not None else x2 @ lora_A.to(x2.dtype).T
+            acc = torch.addmm(x2 @ weight.T, u, lora_B.to(x2.dtype).T, alpha=ctx.scaling)
     with autocast_off(grad_out):  # backward() called inside an autocast region must not re-cast our GEMMs
         gx, gxd, gA, gB, gm, gb = (_ns or _ops).dora_linear_backward(
             grad_out, x_src, weight, lora_A, lora_B, magnitude, weight_norm, acc, lora_u, ctx.scaling, ctx.dropout,
-            ctx.mask,
+            ctx.mask, acc_is_output,
         )
     return gx, gxd, None, gb, gA, gB, gm, None, None
 
 
+def _is_real(t: Tensor) -> bool:
+    """A tensor with data (not traced by torch.compile / AOT dispatch, where data-dependent checks and aliases on
+    ctx do not apply: there the saved acc is used)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not torch.compiler.is_compiling() and not is_fake(t)
 
 
-def _dora_linear_backward_fake(grad_out, x_src, weight, lora_A, lora_B, magnitude, weight_norm, acc, lora_u, scaling, dropout, output_mask):
+#: Whether dora_linear takes the magnitude gradient from its output when it can (see _dora_linear_setup); False
+#: keeps the pre-scale sum acc instead (one more [T, out] tensor per layer, the behaviour before).
+_MAGNITUDE_GRAD_FROM_OUTPUT = True
+
+
+def magnitude_grad_from_output(enabled: bool) -> None:
+    """Choose where dora_linear's backward finds the magnitude gradient's [T, out] operand: the layer's output
+    (default; no extra activation memory where the output stays alive anyway) or a saved copy of the pre-scale sum
+    (the behaviour before: one more [T, out] activation per adapted layer, no dependence on the output)."""
+    global _MAGNITUDE_GRAD_FROM_OUTPUT
+    _MAGNITUDE_GRAD_FROM_OUTPUT = bool(enabled)
+
+
+
+
+def _dora_linear_backward_fake(grad_out, x_src, weight, lora_A, lora_B, magnitude, weight_norm, acc, lora_u, scaling,
+                               dropout, output_mask, acc_is_output=False):
     need_x, need_xd, need_A, need_B, need_m, need_bias = output_mask
     x_shape = (*grad_out.shape[:-1], weight.shape[1])
     return (
