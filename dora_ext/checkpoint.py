@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .config import DoRAConfig
 from .layers import DoRALayer, layer_class_for
-from .model import CONFIGS_ATTR, adapter_root, delete_adapter, dora_layers, inject, target_plan, unload
+from .model import AdapterConfigs, adapter_root, delete_adapter, dora_layers, inject, target_plan, unload
 
 __all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -94,7 +94,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     if not dora_layers(model) and adapter_root(model) is not model:
         raise ValueError("dora_ext.save_adapter: this PeftModel's layers are PEFT's (from_peft keeps them): save it "
                          "with its own PeftModel.save_pretrained, which writes the same files")
-    config = getattr(model, CONFIGS_ATTR, {}).get(adapter_name)
+    config = AdapterConfigs.of(model).get(adapter_name)
     state, ranks, alphas = adapter_state_dict(model, adapter_name, as_dora)
     if config is None:
         raise ValueError(f"dora_ext.save_adapter: no DoRAConfig recorded for adapter {adapter_name!r} (was it added "

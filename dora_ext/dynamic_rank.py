@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .layers import DoRALayer
-from .model import CONFIGS_ATTR, dora_layers
+from .model import AdapterConfigs, dora_layers
 from .variants import keep_components
 
 __all__ = ["DynamicRankAllocator"]
@@ -55,7 +55,7 @@ class DynamicRankAllocator:
         self.adapter = adapter_name
         self.optimizer = optimizer
         self.start_rank = {n: l.r[adapter_name] for n, l in self.layers.items()}
-        config = getattr(model, CONFIGS_ATTR, {}).get(adapter_name)
+        config = AdapterConfigs.of(model).get(adapter_name)
         if target_rank is None:
             target_rank = config.r if config is not None else None
         if target_rank is None or not 0 < target_rank <= min(self.start_rank.values()):

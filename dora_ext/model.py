@@ -14,10 +14,29 @@ from torch import nn
 from .config import DoRAConfig
 from .layers import DoRALayer, conv1d_type, layer_class_for
 
-__all__ = ["inject", "add_adapter", "set_adapter", "delete_adapter", "disable_adapters", "merge_and_unload",
-           "unload", "dora_layers", "from_peft", "adapter_root", "target_plan"]
+__all__ = ["AdapterConfigs", "inject", "add_adapter", "set_adapter", "delete_adapter", "disable_adapters",
+           "merge_and_unload", "unload", "dora_layers", "from_peft", "adapter_root", "target_plan"]
 
 CONFIGS_ATTR = "dora_ext_configs"
+
+
+class AdapterConfigs(dict):
+    """{adapter name: DoRAConfig} of the adapters injected into a model: what save_adapter writes and the allocator
+    reads. Kept on the model as the attribute `dora_ext_configs` (a plain attribute: nn.Module keeps it in __dict__,
+    outside the state_dict)."""
+
+    @staticmethod
+    def of(model: nn.Module) -> "AdapterConfigs":
+        """The model's records (empty, and not attached, when it has none)."""
+        return getattr(model, CONFIGS_ATTR, None) or AdapterConfigs()
+
+    def attach(self, model: nn.Module) -> None:
+        setattr(model, CONFIGS_ATTR, self)
+
+    @staticmethod
+    def detach_from(model: nn.Module) -> None:
+        if hasattr(model, CONFIGS_ATTR):
+            delattr(model, CONFIGS_ATTR)
 
 
 def adapter_root(model: nn.Module) -> nn.Module:
@@ -95,9 +114,9 @@ def inject(model: nn.Module, config: DoRAConfig, adapter_name: str = "default") 
                           sigma=config.edora_sigma)
         if layer is not mod:
             _set_submodule(root, name, layer)
-    configs = getattr(model, CONFIGS_ATTR, {})
+    configs = AdapterConfigs.of(model)
     configs[adapter_name] = config
-    setattr(model, CONFIGS_ATTR, configs)  # plain dict attribute: nn.Module keeps it in __dict__
+    configs.attach(model)
     return model
 
 
@@ -151,7 +170,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
                            "unmerge first")
     for layer in holders:
         layer.delete_adapter(adapter_name)
-    getattr(model, CONFIGS_ATTR, {}).pop(adapter_name, None)
+    AdapterConfigs.of(model).pop(adapter_name, None)
 
 
 def _replace_layers(model: nn.Module, merge: bool, adapter_names: list[str] | None, safe_merge: bool) -> nn.Module:
@@ -164,8 +183,7 @@ def _replace_layers(model: nn.Module, merge: bool, adapter_names: list[str] | No
         if not merge:
             layer.unmerge()
         _set_submodule(root, name, layer.base_layer)
-    if hasattr(model, CONFIGS_ATTR):
-        delattr(model, CONFIGS_ATTR)
+    AdapterConfigs.detach_from(model)
     return root
 
 
