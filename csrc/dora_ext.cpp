@@ -45,17 +45,19 @@ TORCH_LIBRARY_FOR(DORA_EXT_OPS_NS, m) {
     // g = magnitude / max(weight_norm, eps), lora_u = x Aᵀ (or x_drop Aᵀ) [..., r]:
     //   base is None:  out = g ⊙ (result − bias + s·lora_u Bᵀ) + bias
     //   base given:    out = result + (g-1) ⊙ base + g ⊙ s·lora_u Bᵀ     (base = x_drop Wᵀ; bias must be None)
-    // acc is the pre-scale sum [T, out] the magnitude gradient needs.
+    // acc is the pre-scale sum [T, out] the magnitude gradient needs. x and weight (optional, unused by the forward):
+    // the base layer's input and [out, in] weight, so that a backward whose output was modified in place can
+    // recompute result − bias as x Wᵀ (the autograd formula then keeps no [T, out] tensor of its own).
     m.def(
         "dora_rescale(Tensor result, Tensor? base, Tensor? bias, Tensor lora_u, Tensor lora_B, Tensor magnitude, "
-        "Tensor weight_norm, float scaling) -> (Tensor out, Tensor acc)");
+        "Tensor weight_norm, float scaling, Tensor? x=None, Tensor? weight=None) -> (Tensor out, Tensor acc)");
 
     // Gradients of dora_rescale; output_mask selects (result, base, lora_u, lora_B, magnitude). With base, result's
     // gradient is grad_out itself, so the caller must not request it here.
     m.def(
         "dora_rescale_backward(Tensor grad_out, Tensor? lora_u, Tensor lora_B, Tensor magnitude, Tensor weight_norm, "
-        "Tensor? acc, float scaling, bool has_base, bool[5] output_mask) -> (Tensor?, Tensor?, Tensor?, Tensor?, "
-        "Tensor?)");
+        "Tensor? acc, float scaling, bool has_base, bool[5] output_mask, bool acc_is_output=False) -> (Tensor?, "
+        "Tensor?, Tensor?, Tensor?, Tensor?)");
 
     // In place: weight ← g ⊙ (weight + s·B·A) with g from the norm of the unmerged weight; unmerge_ inverts it
     // with the same (cached) norm: weight ← weight / g − s·B·A.

@@ -42,12 +42,13 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor, OptTensor> dor
 std::tuple<at::Tensor, at::Tensor> dora_rescale(const at::Tensor& result, const std::optional<at::Tensor>& base,
                                                 const std::optional<at::Tensor>& bias, const at::Tensor& lora_u,
                                                 const at::Tensor& lora_B, const at::Tensor& magnitude,
-                                                const at::Tensor& weight_norm, double scaling);
+                                                const at::Tensor& weight_norm, double scaling,
+                                                const std::optional<at::Tensor>& x, const std::optional<at::Tensor>& weight);
 
 std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor> dora_rescale_backward(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& lora_u, const at::Tensor& lora_B,
     const at::Tensor& magnitude, const at::Tensor& weight_norm, const std::optional<at::Tensor>& acc, double scaling,
-    bool has_base, std::array<bool, 5> output_mask);
+    bool has_base, std::array<bool, 5> output_mask, bool acc_is_output);
 
 void merge_(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude,
             const at::Tensor& weight_norm, double scaling);

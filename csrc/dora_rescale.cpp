@@ -20,7 +20,8 @@ namespace dora_ext {
 std::tuple<at::Tensor, at::Tensor> dora_rescale(const at::Tensor& result, const std::optional<at::Tensor>& base,
                                                 const std::optional<at::Tensor>& bias, const at::Tensor& lora_u,
                                                 const at::Tensor& lora_B, const at::Tensor& magnitude,
-                                                const at::Tensor& weight_norm, double scaling) {
+                                                const at::Tensor& weight_norm, double scaling,
+                                                const std::optional<at::Tensor>& x, const std::optional<at::Tensor>& weight) {
     const char* op = "dora_rescale";
     check_floating(op, "lora_B", lora_B);
     DORA_CHECK(op, lora_B.dim() == 2 && lora_B.size(1) >= 1, "expected lora_B of shape [out_features, r] with r >= 1, got ",
@@ -46,6 +47,14 @@ std::tuple<at::Tensor, at::Tensor> dora_rescale(const at::Tensor& result, const 
                    result.scalar_type(), ", got ", bias->scalar_type());
     }
     check_dora_vectors(op, lora_B, magnitude, weight_norm, "result");
+    DORA_CHECK(op, x.has_value() == weight.has_value(), "expected x and weight together (both or neither)");
+    if (weight) {  // only the backward's recompute reads them (ops.py): shapes checked here, where errors are clear
+        DORA_CHECK(op, weight->dim() == 2 && weight->size(0) == out_f, "expected weight of shape [", out_f,
+                   ", in_features], got ", shape_str(*weight));
+        DORA_CHECK(op, x->dim() >= 1 && x->size(-1) == weight->size(1) &&
+                           x->sizes().slice(0, x->dim() - 1) == result.sizes().slice(0, result.dim() - 1),
+                   "expected x of shape [..., ", weight->size(1), "] with result's leading dims, got ", shape_str(*x));
+    }
     const at::OptionalDeviceGuard guard(at::device_of(result));
     const auto& k = kernels_for(result);
 
@@ -72,11 +81,12 @@ std::tuple<at::Tensor, at::Tensor> dora_rescale(const at::Tensor& result, const 
 std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor> dora_rescale_backward(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& lora_u, const at::Tensor& lora_B,
     const at::Tensor& magnitude, const at::Tensor& weight_norm, const std::optional<at::Tensor>& acc, double scaling,
-    bool has_base, std::array<bool, 5> output_mask) {
+    bool has_base, std::array<bool, 5> output_mask, bool acc_is_output) {
     const char* op = "dora_rescale_backward";
     const auto [need_result, need_base, need_u, need_B, need_m] = output_mask;
     DORA_CHECK(op, !need_result || !has_base, "with base, result's gradient is grad_out itself (the caller passes it)");
     DORA_CHECK(op, !need_base || has_base, "a gradient for base was requested without base");
+    DORA_CHECK(op, !acc_is_output || !has_base, "acc_is_output needs the form without base (out = g ⊙ acc)");
     check_floating(op, "lora_B", lora_B);
     DORA_CHECK(op, lora_B.dim() == 2, "expected lora_B of shape [out_features, r], got ", shape_str(lora_B));
     check_scaling(op, scaling);
@@ -97,7 +107,11 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor> dora_rescale_b
     if (need_base) g_base = red.grad_scaled_m1.view(grad_out.sizes());
     if (need_u) g_u = at::mm(red.grad_scaled, lora_B.to(dtype)).mul_(scaling).view(with_last_dim(grad_out.sizes(), r));
     if (need_B) g_B = at::mm(red.grad_scaled.t(), *lora_u * scaling).to(lora_B.scalar_type());
-    if (need_m) g_m = (red.dot / gn.n).to(magnitude.scalar_type());
+    // acc_is_output: acc is the output itself, out = g ⊙ acc, so Σ δ ⊙ acc / n = Σ δ ⊙ out / m (m ≠ 0: ops.py)
+    if (need_m) {
+        g_m = (acc_is_output ? red.dot / magnitude.to(red.dot.scalar_type()) : red.dot / gn.n)
+                  .to(magnitude.scalar_type());
+    }
     return {g_result, g_base, g_u, g_B, g_m};
 }
 

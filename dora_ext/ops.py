@@ -221,7 +221,8 @@ def _dora_linear_backward_fake(grad_out, x_src, weight, lora_A, lora_B, magnitud
 
 # --------------------------------------------------------------------------------------------------- dora_rescale
 def dora_rescale(result: Tensor, lora_u: Tensor, lora_B: Tensor, magnitude: Tensor, weight_norm: Tensor,
-                 scaling: float, *, bias: Tensor | None = None, base: Tensor | None = None) -> Tensor:
+                 scaling: float, *, bias: Tensor | None = None, base: Tensor | None = None, x: Tensor | None = None,
+                 weight: Tensor | None = None) -> Tensor:
     """The DoRA update of a base layer's output computed elsewhere (what a PEFT LoRA variant receives); returns a
     new tensor of result's shape and dtype, g = magnitude / max(weight_norm, NORM_EPS), lora_u = x Aᵀ [..., r]:
 
@@ -229,13 +230,16 @@ def dora_rescale(result: Tensor, lora_u: Tensor, lora_B: Tensor, magnitude: Tens
     base = x_d Wᵀ: result + (g−1) ⊙ base + g ⊙ s·lora_u Bᵀ         (training with dropout; bias must be None)
 
     Gradients flow to result, base, lora_u, lora_B and magnitude; the GEMMs producing result, base and lora_u stay
-    the caller's (and autograd's)."""
+    the caller's (and autograd's). x and weight: the base layer's input and [out, in] weight (result − bias =
+    x Wᵀ); given, the magnitude gradient is taken from the output (no [T, out] activation kept, as in dora_linear),
+    and an output modified in place is recovered from them."""
     with autocast_off(result):
-        out, _ = _ops.dora_rescale(result, base, bias, lora_u, lora_B, magnitude, weight_norm, float(scaling))
+        out, _ = _ops.dora_rescale(result, base, bias, lora_u, lora_B, magnitude, weight_norm, float(scaling), x,
+                                   weight)
     return out
 
 
-def _dora_rescale_fake(result, base, bias, lora_u, lora_B, magnitude, weight_norm, scaling):
+def _dora_rescale_fake(result, base, bias, lora_u, lora_B, magnitude, weight_norm, scaling, x=None, weight=None):
     torch._check(
         result.shape[-1] == lora_B.shape[0],
         lambda: f"dora_ext::dora_rescale: expected result of shape [..., {lora_B.shape[0]}], got {tuple(result.shape)}",
@@ -245,7 +249,7 @@ def _dora_rescale_fake(result, base, bias, lora_u, lora_B, magnitude, weight_nor
 
 
 def _dora_rescale_setup(ctx, inputs, output):
-    result, base, bias, lora_u, lora_B, magnitude, weight_norm, scaling = inputs
+    result, base, bias, lora_u, lora_B, magnitude, weight_norm, scaling, x, weight = inputs
     _, acc = output
     ctx.mark_non_differentiable(acc)
     ctx.set_materialize_grads(False)
@@ -257,29 +261,46 @@ def _dora_rescale_setup(ctx, inputs, output):
     ctx.has_base = base is not None
     # (result, base, lora_u, lora_B, magnitude), the order of dora_rescale_backward's output_mask
     ctx.mask = [need[0], need[1], need[3], need[4], need[5]]
-    ctx.save_for_backward(lora_u if need[4] else None, lora_B, magnitude, weight_norm, acc if need[5] else None)
+    # As in dora_linear: without base and bias, out = g ⊙ acc, so the output serves the magnitude gradient (held as a
+    # detached alias, version-checked); x and W recover acc = x Wᵀ + s·u Bᵀ if it was modified in place.
+    use_output = (need[5] and _MAGNITUDE_GRAD_FROM_OUTPUT and base is None and bias is None and x is not None
+                  and _is_real(magnitude) and not bool((magnitude == 0).any()))
+    ctx.out_alias = output[0].detach() if use_output else None
+    ctx.out_version = ctx.out_alias._version if use_output else None
+    ctx.save_for_backward(lora_u if need[4] or use_output else None, lora_B, magnitude, weight_norm,
+                          acc if need[5] and not use_output else None, x if use_output else None,
+                          weight if use_output else None)
 
 
 def _dora_rescale_backward(ctx, grad_out, _grad_acc, _ns=None):
     if grad_out is None:
-        return (None,) * 8
-    lora_u, lora_B, magnitude, weight_norm, acc = ctx.saved_tensors
+        return (None,) * 10
+    lora_u, lora_B, magnitude, weight_norm, acc, x, weight = ctx.saved_tensors
     if lora_u is not None:
         lora_u = lora_u.reshape(-1, lora_u.shape[-1])  # [T, r], as the op's acc
+    acc_is_output = False
+    if ctx.out_alias is not None:
+        out = ctx.out_alias
+        if out._version == ctx.out_version:
+            acc, acc_is_output = out.reshape(-1, out.shape[-1]), True
+        else:  # modified in place since: recompute acc = x Wᵀ + s·u Bᵀ (result had no bias on this path)
+            x2 = x.reshape(-1, x.shape[-1]).to(out.dtype)
+            acc = torch.addmm(x2 @ weight.to(out.dtype).T, lora_u, lora_B.to(out.dtype).T, alpha=ctx.scaling)
     need_result, need_base, need_u, need_B, need_m = ctx.mask
     # With base, d out / d result is the identity: result's gradient is grad_out itself, no kernel needed.
     mask = [need_result and not ctx.has_base, need_base, need_u, need_B, need_m]
     with autocast_off(grad_out):
         g_result, g_base, g_u, g_B, g_m = (_ns or _ops).dora_rescale_backward(
-            grad_out, lora_u, lora_B, magnitude, weight_norm, acc, ctx.scaling, ctx.has_base, mask)
+            grad_out, lora_u, lora_B, magnitude, weight_norm, acc, ctx.scaling, ctx.has_base, mask, acc_is_output)
     if need_result and ctx.has_base:
         g_result = grad_out
-    return g_result, g_base, None, g_u, g_B, g_m, None, None
+    return g_result, g_base, None, g_u, g_B, g_m, None, None, None, None
 
 
 
 
-def _dora_rescale_backward_fake(grad_out, lora_u, lora_B, magnitude, weight_norm, acc, scaling, has_base, output_mask):
+def _dora_rescale_backward_fake(grad_out, lora_u, lora_B, magnitude, weight_norm, acc, scaling, has_base, output_mask,
+                                acc_is_output=False):
     need_result, need_base, need_u, need_B, need_m = output_mask
     return (
         torch.empty_like(grad_out) if need_result else None,

@@ -123,8 +123,11 @@ def _variant_classes():
                 base = F.linear(x, weight.to(x.dtype)).to(dtype)  # W·x_d, no bias: PEFT recomputes it too
                 return ops.dora_rescale(result.to(dtype), lora_A(x).to(dtype), lora_B.weight, magnitude, norm,
                                         scaling, base=base)
+            if bias is None:  # the magnitude gradient then comes from the output (x, W recover it if edited)
+                return ops.dora_rescale(result.to(dtype), lora_A(x).to(dtype), lora_B.weight, magnitude, norm,
+                                        scaling, x=x, weight=weight)
             return ops.dora_rescale(result.to(dtype), lora_A(x).to(dtype), lora_B.weight, magnitude, norm, scaling,
-                                    bias=None if bias is None else bias.to(dtype))
+                                    bias=bias.to(dtype))
 
     class FusedDoraEmbeddingVariant(pv.DoraEmbeddingVariant):
         """PEFT's DoraEmbeddingVariant with the fused norm (over the vocabulary, one gain per embedding dim)."""

@@ -107,3 +107,39 @@ def test_magnitude_gradient_from_output_is_as_accurate_as_from_acc(dtype):
     err_acc = (results[False].double() - ms.grad).norm().item()
     floor = torch.finfo(dtype).eps * ms.grad.norm().item()
     assert err_out <= 2 * err_acc + floor, (err_out, err_acc)
+
+
+# ------------------------------------------------------------- dora_rescale (PEFT's layers, the variant route)
+def _rescale_inputs(lead=(9,), dtype=torch.float64):
+    x, W, _, A, B, m = make_dora_inputs(16, 24, 3, dtype=dtype, lead=lead, bias=False)
+    return x, W, A, B, m
+
+
+def _rescale(x, W, A, B, m, recover=True):
+    result = torch.nn.functional.linear(x, W)
+    norm = ops.weight_norm(W, A, B, 0.7)
+    kw = dict(x=x, weight=W) if recover else {}
+    return ops.dora_rescale(result, x @ A.T.to(x.dtype), B, m, norm, 0.7, **kw)
+
+
+def test_rescale_saves_no_activation_of_output_size():
+    x, W, A, B, m = _rescale_inputs(lead=(64,), dtype=torch.float32)
+    for t in (x, A, B, m):
+        t.requires_grad_()
+    y, saved = saved_storages(lambda: _rescale(x, W, A, B, m))
+    big = [n for p, n in saved if n >= y.numel() * y.element_size() and p != y.untyped_storage().data_ptr()]
+    assert not big, big
+    _, saved_acc = saved_storages(lambda: _rescale(x, W, A, B, m, recover=False))  # no x, W given: acc is kept
+    assert any(n >= y.numel() * y.element_size() for _, n in saved_acc)
+
+
+@pytest.mark.parametrize("post", ["none", "mul_", "relu_"])
+def test_rescale_output_modified_in_place_still_gives_exact_gradients(post):
+    x, W, A, B, m = _rescale_inputs()
+    edits = {"none": lambda y: y, "mul_": lambda y: y.mul_(3.0), "relu_": lambda y: y.relu_()}
+    ts = [t.clone().requires_grad_() for t in (x, A, B, m)]
+    edits[post](_rescale(ts[0], W, *ts[1:])).sum().backward()
+    rs = [t.clone().requires_grad_() for t in (x, A, B, m)]
+    edits[post](ref.dora_linear(rs[0], W, None, *rs[1:], 0.7, eps=ops.NORM_EPS).clone()).sum().backward()
+    for a, e, name in zip(ts, rs, "x A B m".split()):
+        assert_close(a.grad, e.grad, torch.float64, msg=f"{post}: grad {name}")
