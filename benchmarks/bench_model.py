@@ -27,25 +27,28 @@ import dora_ext  # noqa: E402
 from bench_utils import add_llama_args, build_llama, fill_llama_defaults, interleaved_ms, publish  # noqa: E402
 from memory import peak_memory  # noqa: E402
 
-PROVIDERS = ("peft_lora", "peft_dora", "dora_ext", "peft_dora_fused")
+#: dora_ext_low: dora_ext's layers with ops.set_activation_memory("low") (nothing [T, out] kept; recompute where the
+#: output is gone by backward time)
+PROVIDERS = ("peft_lora", "peft_dora", "dora_ext", "dora_ext_low", "peft_dora_fused")
 
 
 def build(provider: str, base, r: int):
     import peft
 
     model = copy.deepcopy(base)
-    if provider == "dora_ext":
+    if provider in ("dora_ext", "dora_ext_low"):
         return dora_ext.inject(model, dora_ext.DoRAConfig(r=r, alpha=2 * r, target_modules="all-linear"))
     cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", use_dora=provider != "peft_lora")
     model = peft.get_peft_model(model, cfg)
     return dora_ext.from_peft(model) if provider == "peft_dora_fused" else model
 
 
-def train_step(model, batch):
+def train_step(model, batch, activations="output"):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step():
-        model(**batch).loss.backward()
+        with dora_ext.ops.activation_memory(activations):
+            model(**batch).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -71,7 +74,7 @@ def run(args):
     steps = {}
     for provider, model in models.items():
         model.train()
-        steps[provider] = train_step(model, batch)
+        steps[provider] = train_step(model, batch, "low" if provider == "dora_ext_low" else "output")
         steps[provider]()  # allocate optimizer state outside the measurement
     timed = interleaved_ms(steps, device, args.warmup, args.reps)
     for provider, step in steps.items():
@@ -82,6 +85,8 @@ def run(args):
     del steps
     evals = {}
     for provider, model in models.items():
+        if provider == "dora_ext_low":  # the same eval forward as dora_ext (the mode only affects training)
+            continue
         model.eval()
         evals[provider] = _eval_fn(model, ids, contextlib.nullcontext)
         if provider == "peft_dora":

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 
 import torch
 from torch import Tensor
 
-__all__ = ["weight_norm", "dora_linear", "dora_rescale", "merge_", "unmerge_", "NORM_EPS", "accum_dtype"]
+__all__ = ["weight_norm", "dora_linear", "dora_rescale", "merge_", "unmerge_", "NORM_EPS", "accum_dtype",
+           "set_activation_memory", "activation_memory", "ACTIVATION_MODES"]
 
 _ops = torch.ops.dora_ext
 
@@ -142,12 +144,9 @@ def _dora_linear_setup(ctx, inputs, output):
     # It is held as a detached alias (same storage and version counter, no reference to the graph, so no cycle); if
     # the caller modifies the output in place (ReLU(inplace=True), y += r) the version moves and backward recomputes
     # acc with one GEMM instead of failing. Rows with m = 0 (out = 0 carries no acc) keep the saved acc.
-    ctx.out_alias = None
-    use_output = (need[6] and need[4] and _MAGNITUDE_GRAD_FROM_OUTPUT and bias is None and not ctx.dropout
+    use_output = (need[6] and need[4] and _ACTIVATIONS != "acc" and bias is None and not ctx.dropout
                   and _is_real(magnitude) and not bool((magnitude == 0).any()))
-    if use_output:
-        ctx.out_alias = output[0].detach()
-        ctx.out_version = ctx.out_alias._version
+    _keep_output(ctx, output[0], use_output)
     # Save only what the requested gradients read: x_src for lora_A, lora_u for lora_B, acc for the magnitude.
     ctx.save_for_backward(
         x_src if need[4] else None,
@@ -166,11 +165,11 @@ def _dora_linear_backward(ctx, grad_out, _grad_acc, _grad_u, _ns=None):
         return None, None, None, None, None, None, None, None, None
     x_src, weight, lora_A, lora_B, magnitude, weight_norm, acc, lora_u = ctx.saved_tensors
     acc_is_output = False
-    if ctx.out_alias is not None:
-        out = ctx.out_alias
-        if out._version == ctx.out_version:  # the output as the forward wrote it
+    if ctx.kept_output:
+        out = _kept_output(ctx)
+        if out is not None:  # the output as the forward wrote it
             acc, acc_is_output = out.reshape(-1, out.shape[-1]), True
-        else:  # modified in place since: recompute acc = x Wᵀ + s·(x Aᵀ) Bᵀ as the forward did
+        else:  # modified in place since, or freed ("low" memory): recompute acc = x Wᵀ + s·(x Aᵀ) Bᵀ
             x2 = x_src.reshape(-1, x_src.shape[-1])
             u = lora_u if lora_u is not None else x2 @ lora_A.to(x2.dtype).T
             acc = torch.addmm(x2 @ weight.T, u, lora_B.to(x2.dtype).T, alpha=ctx.scaling)
@@ -190,17 +189,56 @@ def _is_real(t: Tensor) -> bool:
     return not torch.compiler.is_compiling() and not is_fake(t)
 
 
-#: Whether dora_linear takes the magnitude gradient from its output when it can (see _dora_linear_setup); False
-#: keeps the pre-scale sum acc instead (one more [T, out] tensor per layer, the behaviour before).
-_MAGNITUDE_GRAD_FROM_OUTPUT = True
+#: What the fused ops keep for the magnitude gradient's [T, out] operand (set_activation_memory).
+_ACTIVATIONS = "output"
+ACTIVATION_MODES = ("output", "low", "acc")
+
+
+def set_activation_memory(mode: str) -> str:
+    """Choose what dora_linear and dora_rescale keep from forward to backward for the magnitude gradient, where the
+    output can serve (no bias, no dropout, m ≠ 0; elsewhere the pre-scale sum acc is kept); returns the previous mode.
+
+    "output" (default): the output itself. No extra memory where the output stays alive anyway (the next op saves
+        it: SiLU, the gate product, attention's v); elsewhere it costs what acc cost. No extra compute.
+    "low": a weak reference to the output: nothing [T, out] is kept, peak memory is LoRA's; where the output has
+        been freed by backward time (a residual add consumed it), acc is recomputed: one [T, in]×[in, out] GEMM.
+    "acc": the pre-scale sum, one [T, out] tensor per layer (the behaviour before "output").
+    An output modified in place is detected (version counter) and acc recomputed, in every mode."""
+    global _ACTIVATIONS
+    if mode not in ACTIVATION_MODES:
+        raise ValueError(f"dora_ext.ops.set_activation_memory: expected one of {ACTIVATION_MODES}, got {mode!r}")
+    previous, _ACTIVATIONS = _ACTIVATIONS, mode
+    return previous
+
+
+@contextlib.contextmanager
+def activation_memory(mode: str):
+    """set_activation_memory(mode) for the duration of a with-block (forwards inside it decide)."""
+    previous = set_activation_memory(mode)
+    try:
+        yield
+    finally:
+        set_activation_memory(previous)
 
 
 def magnitude_grad_from_output(enabled: bool) -> None:
-    """Choose where dora_linear's backward finds the magnitude gradient's [T, out] operand: the layer's output
-    (default; no extra activation memory where the output stays alive anyway) or a saved copy of the pre-scale sum
-    (the behaviour before: one more [T, out] activation per adapted layer, no dependence on the output)."""
-    global _MAGNITUDE_GRAD_FROM_OUTPUT
-    _MAGNITUDE_GRAD_FROM_OUTPUT = bool(enabled)
+    """Shorthand: set_activation_memory("output" if enabled else "acc")."""
+    set_activation_memory("output" if enabled else "acc")
+
+
+def _keep_output(ctx, out: Tensor, use: bool) -> None:
+    """Keep the op's output for backward: a detached alias (same storage and version counter, no reference to the
+    graph, so no cycle), or in "low" mode a weak reference; and its version, to detect in-place edits."""
+    ctx.kept_output = use
+    ctx.out_alias = out.detach() if use and _ACTIVATIONS == "output" else None
+    ctx.out_ref = weakref.ref(out) if use and _ACTIVATIONS == "low" else None
+    ctx.out_version = out._version if use else None
+
+
+def _kept_output(ctx) -> Tensor | None:
+    """The kept output if it is still alive and unmodified, else None (recompute)."""
+    out = ctx.out_alias if ctx.out_alias is not None else (ctx.out_ref() if ctx.out_ref is not None else None)
+    return out if out is not None and out._version == ctx.out_version else None
 
 
 
@@ -263,10 +301,9 @@ def _dora_rescale_setup(ctx, inputs, output):
     ctx.mask = [need[0], need[1], need[3], need[4], need[5]]
     # As in dora_linear: without base and bias, out = g ⊙ acc, so the output serves the magnitude gradient (held as a
     # detached alias, version-checked); x and W recover acc = x Wᵀ + s·u Bᵀ if it was modified in place.
-    use_output = (need[5] and _MAGNITUDE_GRAD_FROM_OUTPUT and base is None and bias is None and x is not None
+    use_output = (need[5] and _ACTIVATIONS != "acc" and base is None and bias is None and x is not None
                   and _is_real(magnitude) and not bool((magnitude == 0).any()))
-    ctx.out_alias = output[0].detach() if use_output else None
-    ctx.out_version = ctx.out_alias._version if use_output else None
+    _keep_output(ctx, output[0], use_output)
     ctx.save_for_backward(lora_u if need[4] or use_output else None, lora_B, magnitude, weight_norm,
                           acc if need[5] and not use_output else None, x if use_output else None,
                           weight if use_output else None)
@@ -279,13 +316,14 @@ def _dora_rescale_backward(ctx, grad_out, _grad_acc, _ns=None):
     if lora_u is not None:
         lora_u = lora_u.reshape(-1, lora_u.shape[-1])  # [T, r], as the op's acc
     acc_is_output = False
-    if ctx.out_alias is not None:
-        out = ctx.out_alias
-        if out._version == ctx.out_version:
+    if ctx.kept_output:
+        out = _kept_output(ctx)
+        if out is not None:
             acc, acc_is_output = out.reshape(-1, out.shape[-1]), True
-        else:  # modified in place since: recompute acc = x Wᵀ + s·u Bᵀ (result had no bias on this path)
-            x2 = x.reshape(-1, x.shape[-1]).to(out.dtype)
-            acc = torch.addmm(x2 @ weight.to(out.dtype).T, lora_u, lora_B.to(out.dtype).T, alpha=ctx.scaling)
+        else:  # modified in place or freed: recompute acc = x Wᵀ + s·u Bᵀ (result had no bias on this path)
+            dtype = grad_out.dtype
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+            acc = torch.addmm(x2 @ weight.to(dtype).T, lora_u, lora_B.to(dtype).T, alpha=ctx.scaling)
     need_result, need_base, need_u, need_B, need_m = ctx.mask
     # With base, d out / d result is the identity: result's gradient is grad_out itself, no kernel needed.
     mask = [need_result and not ctx.has_base, need_base, need_u, need_B, need_m]

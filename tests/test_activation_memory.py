@@ -143,3 +143,33 @@ def test_rescale_output_modified_in_place_still_gives_exact_gradients(post):
     edits[post](ref.dora_linear(rs[0], W, None, *rs[1:], 0.7, eps=ops.NORM_EPS).clone()).sum().backward()
     for a, e, name in zip(ts, rs, "x A B m".split()):
         assert_close(a.grad, e.grad, torch.float64, msg=f"{post}: grad {name}")
+
+
+@pytest.mark.parametrize("consumer", ["keeps the output", "frees the output"])
+@pytest.mark.parametrize("op", ["dora_linear", "dora_rescale"])
+def test_low_memory_mode_keeps_nothing_and_recomputes_when_the_output_is_gone(consumer, op):
+    """"low": only a weak reference to the output; when the next op kept it (y * y saves y) it is used, when nothing
+    did (y.sum() saves nothing) backward recomputes acc. Either way the gradients are exact (float64)."""
+    x, W, A, B, m = _rescale_inputs()
+    post = (lambda y: (y * y).sum()) if consumer == "keeps the output" else (lambda y: (3.0 * y).sum())
+    forward = (lambda xs, As, Bs, ms: ops.dora_linear(xs, W, None, As, Bs, ms, 0.7)) if op == "dora_linear" else \
+        (lambda xs, As, Bs, ms: _rescale(xs, W, As, Bs, ms))
+    ts = [t.clone().requires_grad_() for t in (x, A, B, m)]
+    with ops.activation_memory("low"):
+        (loss, saved) = saved_storages(lambda: post(forward(*ts)))
+    T = x.shape[0]
+    inputs = {t.untyped_storage().data_ptr() for t in (W, *ts)}
+    big = [n for p, n in saved if n >= T * W.shape[0] * 8 and p not in inputs]
+    if consumer == "frees the output":
+        assert not big, big  # 3·y saves nothing; the op kept only a weak reference
+    loss.backward()
+    rs = [t.clone().requires_grad_() for t in (x, A, B, m)]
+    post(ref.dora_linear(rs[0], W, None, *rs[1:], 0.7, eps=ops.NORM_EPS)).backward()
+    for a, e, name in zip(ts, rs, "x A B m".split()):
+        assert_close(a.grad, e.grad, torch.float64, msg=f"{op}, {consumer}: grad {name}")
+
+
+def test_activation_memory_modes_are_validated():
+    with pytest.raises(ValueError, match="expected one of"):
+        ops.set_activation_memory("none")
+    assert ops.set_activation_memory("output") == "output"
