@@ -58,12 +58,8 @@ def accum_dtype(*tensors: Tensor | None) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _norm_dtype(weight: Tensor, lora_A: Tensor) -> torch.dtype:
-    return accum_dtype(weight, lora_A)
-
-
 def _weight_norm_fake(weight, lora_A, lora_B, scaling):
-    return weight.new_empty((weight.shape[0],), dtype=_norm_dtype(weight, lora_A))
+    return weight.new_empty((weight.shape[0],), dtype=accum_dtype(weight, lora_A))
 
 
 def _weight_norm_setup(ctx, inputs, output):
@@ -160,21 +156,15 @@ def _dora_linear_setup(ctx, inputs, output):
     )
 
 
-def _dora_linear_backward(ctx, grad_out, _grad_acc, _grad_u, _ns=None):
+def _dora_linear_backward(ctx, grad_out, _grad_acc, _grad_u, *, _ns):
     if grad_out is None:  # only reachable if the output was unused (grads are not materialised)
         return None, None, None, None, None, None, None, None, None
     x_src, weight, lora_A, lora_B, magnitude, weight_norm, acc, lora_u = ctx.saved_tensors
     acc_is_output = False
     if ctx.kept_output:
-        out = _kept_output(ctx)
-        if out is not None:  # the output as the forward wrote it
-            acc, acc_is_output = out.reshape(-1, out.shape[-1]), True
-        else:  # modified in place since, or freed ("low" memory): recompute acc = x Wᵀ + s·(x Aᵀ) Bᵀ
-            x2 = x_src.reshape(-1, x_src.shape[-1])
-            u = lora_u if lora_u is not None else x2 @ lora_A.to(x2.dtype).T
-            acc = torch.addmm(x2 @ weight.T, u, lora_B.to(x2.dtype).T, alpha=ctx.scaling)
+        acc, acc_is_output = _magnitude_operand(ctx, x_src, weight, lora_A, lora_B, lora_u, x_src.dtype)
     with autocast_off(grad_out):  # backward() called inside an autocast region must not re-cast our GEMMs
-        gx, gxd, gA, gB, gm, gb = (_ns or _ops).dora_linear_backward(
+        gx, gxd, gA, gB, gm, gb = _ns.dora_linear_backward(
             grad_out, x_src, weight, lora_A, lora_B, magnitude, weight_norm, acc, lora_u, ctx.scaling, ctx.dropout,
             ctx.mask, acc_is_output,
         )
@@ -235,10 +225,16 @@ def _keep_output(ctx, out: Tensor, use: bool) -> None:
     ctx.out_version = out._version if use else None
 
 
-def _kept_output(ctx) -> Tensor | None:
-    """The kept output if it is still alive and unmodified, else None (recompute)."""
+def _magnitude_operand(ctx, x: Tensor, weight: Tensor, lora_A: Tensor | None, lora_B: Tensor, lora_u: Tensor | None,
+                       dtype: torch.dtype) -> tuple[Tensor, bool]:
+    """(the [T, out] operand of the magnitude gradient, whether it is the output): the kept output if it is still
+    alive and unmodified, else acc = x Wᵀ + s·(x Aᵀ) Bᵀ recomputed in `dtype` as the forward computed it."""
     out = ctx.out_alias if ctx.out_alias is not None else (ctx.out_ref() if ctx.out_ref is not None else None)
-    return out if out is not None and out._version == ctx.out_version else None
+    if out is not None and out._version == ctx.out_version:
+        return out.reshape(-1, out.shape[-1]), True
+    x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+    u = lora_u if lora_u is not None else x2 @ lora_A.to(dtype).T
+    return torch.addmm(x2 @ weight.to(dtype).T, u.to(dtype), lora_B.to(dtype).T, alpha=ctx.scaling), False
 
 
 
@@ -309,26 +305,20 @@ def _dora_rescale_setup(ctx, inputs, output):
                           weight if use_output else None)
 
 
-def _dora_rescale_backward(ctx, grad_out, _grad_acc, _ns=None):
+def _dora_rescale_backward(ctx, grad_out, _grad_acc, *, _ns):
     if grad_out is None:
         return (None,) * 10
     lora_u, lora_B, magnitude, weight_norm, acc, x, weight = ctx.saved_tensors
     if lora_u is not None:
         lora_u = lora_u.reshape(-1, lora_u.shape[-1])  # [T, r], as the op's acc
     acc_is_output = False
-    if ctx.kept_output:
-        out = _kept_output(ctx)
-        if out is not None:
-            acc, acc_is_output = out.reshape(-1, out.shape[-1]), True
-        else:  # modified in place or freed: recompute acc = x Wᵀ + s·u Bᵀ (result had no bias on this path)
-            dtype = grad_out.dtype
-            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            acc = torch.addmm(x2 @ weight.to(dtype).T, lora_u, lora_B.to(dtype).T, alpha=ctx.scaling)
+    if ctx.kept_output:  # (result had no bias on this path: result − bias = x Wᵀ)
+        acc, acc_is_output = _magnitude_operand(ctx, x, weight, None, lora_B, lora_u, grad_out.dtype)
     need_result, need_base, need_u, need_B, need_m = ctx.mask
     # With base, d out / d result is the identity: result's gradient is grad_out itself, no kernel needed.
     mask = [need_result and not ctx.has_base, need_base, need_u, need_B, need_m]
     with autocast_off(grad_out):
-        g_result, g_base, g_u, g_B, g_m = (_ns or _ops).dora_rescale_backward(
+        g_result, g_base, g_u, g_B, g_m = _ns.dora_rescale_backward(
             grad_out, lora_u, lora_B, magnitude, weight_norm, acc, ctx.scaling, ctx.has_base, mask, acc_is_output)
     if need_result and ctx.has_base:
         g_result = grad_out
