@@ -9,7 +9,12 @@ inference.
   eval:  forward under no_grad in eval mode; PEFT DoRA with and without its opt-in DoraCaching, dora_ext with its
          eval-time norm cache (one [out] fp32 vector per layer) warm.
 
-Writes benchmarks/results/model-<device>.csv and .md, with the device and versions on every row.
+  --quantized 4bit|8bit: the same stack loaded through transformers with a BitsAndBytesConfig (nf4 with double
+         quantization in the compute dtype, or LLM.int8): PEFT QLoRA (as peft_lora), PEFT QDoRA (peft_dora),
+         dora_ext's QDoRA layers and PEFT's bitsandbytes layers with the fused variants.
+
+Writes benchmarks/results/model-<device>.csv and .md (model-<4bit|8bit>-<device> when quantized), with the device
+and versions on every row.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import contextlib
 import copy
 import os
 import sys
+import tempfile
+import warnings
 
 import torch
 
@@ -35,7 +42,7 @@ PROVIDERS = ("peft_lora", "peft_dora", "dora_ext", "dora_ext_low", "peft_dora_fu
 def build(provider: str, base, r: int):
     import peft
 
-    model = copy.deepcopy(base)
+    model = base() if callable(base) else copy.deepcopy(base)
     if provider in ("dora_ext", "dora_ext_low"):
         return dora_ext.inject(model, dora_ext.DoRAConfig(r=r, alpha=2 * r, target_modules="all-linear"))
     cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", use_dora=provider != "peft_lora")
@@ -63,9 +70,31 @@ def _eval_fn(model, ids, ctx):
     return fwd
 
 
+def quantized_loader(model, bits: str, dtype, directory: str):
+    """A function that loads `model` (saved once to `directory`) through transformers with a BitsAndBytesConfig: a
+    fresh quantized copy per provider (bitsandbytes' int8 parameters cannot be deep-copied)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    model.save_pretrained(directory)
+    config = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=dtype) if bits == "4bit" else BitsAndBytesConfig(load_in_8bit=True))
+    device_map = "cpu" if model.device.type == "cpu" else {"": model.device.index or 0}
+
+    def load():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return AutoModelForCausalLM.from_pretrained(directory, quantization_config=config, device_map=device_map,
+                                                        dtype=dtype)
+
+    return load
+
+
 def run(args):
     device = torch.device(args.device)
     base = build_llama(args, device)
+    if args.quantized:
+        tmp = tempfile.TemporaryDirectory()
+        base = quantized_loader(base, args.quantized, getattr(torch, args.dtype), tmp.name)
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen).to(device)
     batch = {"input_ids": ids, "labels": ids}
@@ -108,11 +137,15 @@ def main(argv=None):
     add_llama_args(p)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--quantized", choices=("4bit", "8bit"), default=None,
+                   help="load the stack with bitsandbytes (QLoRA / QDoRA providers)")
     args = p.parse_args(argv)
     fill_llama_defaults(args, cuda=dict(warmup=3, reps=10), cpu=dict(warmup=2, reps=15))
     rows = run(args)
-    print(publish(rows, args, torch.device(args.device), "model", "Model-level benchmark", "",
-                  "python benchmarks/bench_model.py",
+    slug, title = ("model", "Model-level benchmark") if not args.quantized else (
+        f"model-{args.quantized}", f"Model-level benchmark, bitsandbytes {args.quantized} base (QLoRA / QDoRA)")
+    command = "python benchmarks/bench_model.py" + (f" --quantized {args.quantized}" if args.quantized else "")
+    print(publish(rows, args, torch.device(args.device), slug, title, "", command,
                   ["mode", "provider", "ms", "ms_p20", "ms_p80", "vs_peft_lora", "peak_mib"]))
 
 

@@ -23,6 +23,16 @@ TORCH_LIBRARY_FOR(DORA_EXT_OPS_NS, m) {
     // Row norms of W + s·B·A, accumulated in fp32, without an [out, in] temporary.
     m.def("weight_norm(Tensor weight, Tensor lora_A, Tensor lora_B, float scaling) -> Tensor");
 
+    // The same norm for bitsandbytes-quantized weights, read from their packed storage (quantized_weights.h has
+    // the formats): 4-bit (Params4bit + QuantState: packed codes, absmax, code table, blocksize, the nested absmax's
+    // code/scale/offset/blocksize, the weight's shape and dequantized dtype; row_group 32: bitsandbytes' CPU code
+    // layout, with absmax given in the standard order) and LLM.int8 (CB int8 [out, in], SCB).
+    m.def(
+        "weight_norm_4bit(Tensor packed, Tensor absmax, Tensor code, int blocksize, Tensor? absmax_code, "
+        "Tensor? absmax_scale, Tensor? absmax_offset, int absmax_blocksize, int out_features, int in_features, "
+        "ScalarType dtype, Tensor lora_A, Tensor lora_B, float scaling, int row_group=0) -> Tensor");
+    m.def("weight_norm_int8(Tensor weight, Tensor row_scale, Tensor lora_A, Tensor lora_B, float scaling) -> Tensor");
+
     // Fused DoRA linear with PEFT 0.21 semantics, g = magnitude / max(weight_norm, eps):
     //   x_drop is None:  out = g ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + bias
     //   x_drop given:    out = x Wᵀ + bias + (g-1) ⊙ (x_drop Wᵀ) + g ⊙ s·(x_drop Aᵀ) Bᵀ
@@ -58,6 +68,13 @@ TORCH_LIBRARY_FOR(DORA_EXT_OPS_NS, m) {
         "dora_rescale_backward(Tensor grad_out, Tensor? lora_u, Tensor lora_B, Tensor magnitude, Tensor weight_norm, "
         "Tensor? acc, float scaling, bool has_base, bool[5] output_mask, bool acc_is_output=False) -> (Tensor?, "
         "Tensor?, Tensor?, Tensor?, Tensor?)");
+
+    // Serving: each token through its own adapter over one base output (dora_mixed.cpp), inference only:
+    //   out[t] = result[t] + (g_k − 1) ⊙ (result[t] − bias) + g_k ⊙ s_k·(x[t] A_kᵀ) B_kᵀ,  k = adapter_index[t],
+    // g_k = magnitude[k] / max(weight_norm[k], eps) (rows of ones for plain LoRA); k = K (len(lora_A)): result[t].
+    m.def(
+        "dora_mixed(Tensor result, Tensor? bias, Tensor x, Tensor[] lora_A, Tensor[] lora_B, float[] scaling, "
+        "Tensor magnitude, Tensor weight_norm, Tensor adapter_index) -> Tensor");
 
     // In place: weight ← g ⊙ (weight + s·B·A) with g from the norm of the unmerged weight; unmerge_ inverts it
     // with the same (cached) norm: weight ← weight / g − s·B·A.

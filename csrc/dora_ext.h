@@ -12,6 +12,8 @@
 #include <optional>
 #include <tuple>
 
+#include "quantized_weights.h"
+
 namespace dora_ext {
 
 // Norms of rows whose value is (near) zero are clamped to this before dividing, so a zero base row gives g = 0
@@ -50,6 +52,22 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor> dora_rescale_b
     const at::Tensor& magnitude, const at::Tensor& weight_norm, const std::optional<at::Tensor>& acc, double scaling,
     bool has_base, std::array<bool, 5> output_mask, bool acc_is_output);
 
+// Row norms of a bitsandbytes-quantized W plus s·B·A (quantized_weights.h says how each format is decoded), read
+// from the packed storage in row blocks: no [out, in] dequantized copy.
+at::Tensor weight_norm_4bit(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
+                            const std::optional<at::Tensor>& absmax_code, const std::optional<at::Tensor>& absmax_scale,
+                            const std::optional<at::Tensor>& absmax_offset, int64_t absmax_blocksize,
+                            int64_t out_features, int64_t in_features, at::ScalarType dtype, const at::Tensor& lora_A,
+                            const at::Tensor& lora_B, double scaling, int64_t row_group);
+
+at::Tensor weight_norm_int8(const at::Tensor& weight, const at::Tensor& row_scale, const at::Tensor& lora_A,
+                            const at::Tensor& lora_B, double scaling);
+
+// Serving: tokens of one batch through different adapters over one base output (dora_mixed.cpp).
+at::Tensor dora_mixed(const at::Tensor& result, const std::optional<at::Tensor>& bias, const at::Tensor& x,
+                      at::TensorList lora_A, at::TensorList lora_B, at::ArrayRef<double> scaling,
+                      const at::Tensor& magnitude, const at::Tensor& weight_norm, const at::Tensor& adapter_index);
+
 void merge_(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& magnitude,
             const at::Tensor& weight_norm, double scaling);
 
@@ -67,12 +85,45 @@ struct BackwardReduce {
     at::Tensor colsum;          // out: Σ_t δ, [out] accumulation dtype, or undefined
 };
 
+// A validated bitsandbytes 4-bit weight (weight_ops.cpp checks it): contiguous tensors on one device, nested absmax
+// tensors undefined unless absmax is uint8. `dtype`: the dequantized dtype every value is rounded to.
+struct Packed4bit {
+    at::Tensor packed, absmax, code, absmax_code, absmax_scale, absmax_offset;
+    int64_t blocksize, absmax_blocksize, out, in;
+    at::ScalarType dtype;
+    int64_t row_group;  // 0, or 32 for bitsandbytes' CPU layout (quantized_weights.h)
+};
+
+// log2 of a power of two (weight_ops.cpp checks the block sizes are), 0 for 0.
+inline int log2_of(int64_t power_of_two) {
+    int n = 0;
+    while (power_of_two > 1) power_of_two >>= 1, ++n;
+    return n;
+}
+
+// Raw pointers of a Packed4bit for the element decoder (quantized_weights.h).
+inline Packed4View packed4_view(const Packed4bit& W) {
+    const bool nested = W.absmax.scalar_type() == at::kByte;
+    return Packed4View{W.packed.const_data_ptr<uint8_t>(),
+                       nested ? nullptr : W.absmax.const_data_ptr<float>(),
+                       nested ? W.absmax.const_data_ptr<uint8_t>() : nullptr,
+                       W.code.const_data_ptr<float>(),
+                       nested ? W.absmax_code.const_data_ptr<float>() : nullptr,
+                       nested ? W.absmax_scale.const_data_ptr<float>() : nullptr,
+                       nested ? W.absmax_offset.const_data_ptr<float>() : nullptr,
+                       log2_of(W.blocksize), log2_of(W.absmax_blocksize), W.in, W.row_group};
+}
+
 // One table of function pointers per backend, the same entries in each (cpu/kernels.cpp and cuda/kernels.cu define
 // `kKernels`); host_common.h's kernels_for(t) picks the table of t's device. A new kernel is one entry here and one
 // definition per backend.
 struct Kernels {
     // ‖W_j + s·B_j·A‖₂ for every row j, [out] in A's dtype, without an [out, in] temporary.
     at::Tensor (*lowrank_row_norm)(const at::Tensor& W, const at::Tensor& A, const at::Tensor& B, double s);
+    // The same norm for a 4-bit weight (Packed4bit) and for an int8 weight CB [out, in] with row scales SCB [out].
+    at::Tensor (*packed4_row_norm)(const Packed4bit& W, const at::Tensor& A, const at::Tensor& B, double s);
+    at::Tensor (*int8_row_norm)(const at::Tensor& CB, const at::Tensor& SCB, const at::Tensor& A, const at::Tensor& B,
+                                double s);
     // W_j ← c_j·W_j + d_j·s·(B_j·A) in place, without an [out, in] temporary.
     void (*lowrank_rowscale_)(at::Tensor& W, const at::Tensor& c, const at::Tensor& d, const at::Tensor& A,
                               const at::Tensor& B, double s);
@@ -83,6 +134,10 @@ struct Kernels {
                              const at::Tensor& gm1, const at::Tensor& bias, double s);
     // The fused backward pass over δ (BackwardReduce); [T, N] with T, N > 0.
     void (*backward_reduce)(BackwardReduce& args);
+    // Per token t with adapter k = index[t] (K = g.size(0): none): out = result + gm1[k] ⊙ (result − bias) +
+    // g[k] ⊙ lora[t], or result itself for k = K; lora, g, gm1 in the accumulation dtype; [T, N] with T, N > 0.
+    void (*mixed_epilogue)(at::Tensor& out, const at::Tensor& result, const at::Tensor& lora, const at::Tensor& g,
+                           const at::Tensor& gm1, const at::Tensor& index, const at::Tensor& bias);
 };
 
 namespace cpu {

@@ -9,10 +9,13 @@ namespace dora_ext {
 namespace {
 void register_kernels(torch::Library& m) {
     m.impl("weight_norm", DORA_EXT_IMPL(weight_norm));
+    m.impl("weight_norm_4bit", DORA_EXT_IMPL(weight_norm_4bit));
+    m.impl("weight_norm_int8", DORA_EXT_IMPL(weight_norm_int8));
     m.impl("dora_linear", DORA_EXT_IMPL(dora_linear));
     m.impl("dora_linear_backward", DORA_EXT_IMPL(dora_linear_backward));
     m.impl("dora_rescale", DORA_EXT_IMPL(dora_rescale));
     m.impl("dora_rescale_backward", DORA_EXT_IMPL(dora_rescale_backward));
+    m.impl("dora_mixed", DORA_EXT_IMPL(dora_mixed));
     m.impl("merge_", DORA_EXT_IMPL(merge_));
     m.impl("unmerge_", DORA_EXT_IMPL(unmerge_));
 }

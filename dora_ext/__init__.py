@@ -18,7 +18,7 @@ except ImportError as exc:  # a half-loaded package would hide a broken build, s
         f"Original error: {exc}"
     ) from exc
 
-from . import functional, layers, ops, reference  # noqa: E402
+from . import functional, layers, ops, quantized, reference, serving  # noqa: E402
 from .checkpoint import adapter_state_dict, load_adapter, save_adapter  # noqa: E402
 from .config import DoRAConfig  # noqa: E402
 from .dynamic_rank import DynamicRankAllocator  # noqa: E402
@@ -29,11 +29,12 @@ from .model import (  # noqa: E402
 )
 from .modules import DoRALinear  # noqa: E402
 from .peft_variants import patch_peft, peft_patched, unpatch_peft  # noqa: E402
+from .serving import mixed_adapters  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
     "DoRALinear", "DoRAConfig", "inject", "add_adapter", "set_adapter", "delete_adapter", "disable_adapters",
     "merge_and_unload", "unload", "dora_layers", "from_peft", "save_adapter", "load_adapter", "adapter_state_dict",
-    "patch_peft", "unpatch_peft", "peft_patched", "DynamicRankAllocator", "loraplus_param_groups", "create_loraplus_optimizer",
-    "functional", "layers", "ops", "reference", "__version__",
+    "patch_peft", "unpatch_peft", "peft_patched", "mixed_adapters", "DynamicRankAllocator", "loraplus_param_groups",
+    "create_loraplus_optimizer", "functional", "layers", "ops", "quantized", "reference", "serving", "__version__",
 ]

@@ -124,8 +124,21 @@ class DoRAConfig:
         if not (isinstance(self.target_modules, str) and self.target_modules.lower() == ALL_LINEAR):
             return self
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        names = {name.split(".")[-1] for name, mod in model.named_modules()
-                 if isinstance(mod, linear_types) and mod is not head and name}
+        # Layers adapted already (dora_ext's or PEFT's: a base_layer next to lora_* containers) count by their own
+        # name, never by the linears inside them (base_layer, lora_A.<adapter>), so adding an adapter to an adapted
+        # model targets the same layers.
+        wrappers = {name for name, mod in model.named_modules()
+                    if name and hasattr(mod, "base_layer") and hasattr(mod, "lora_magnitude_vector")}
+        names = set()
+        for name, mod in model.named_modules():
+            if not name or not isinstance(mod, linear_types) or mod is head:
+                continue
+            parts = name.split(".")
+            owner = next((".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) in wrappers), None)
+            if owner is None:
+                names.add(parts[-1])
+            elif name == owner + ".base_layer":
+                names.add(owner.split(".")[-1])
         return dataclasses.replace(self, target_modules=sorted(names))
 
     # ----------------------------------------------------------------------------------------- PEFT config files

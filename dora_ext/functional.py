@@ -14,12 +14,13 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple, Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
 
-__all__ = ["Adapter", "linear", "conv", "embedding"]
+__all__ = ["Adapter", "linear", "rescale", "conv", "embedding"]
 
 
 class Adapter(NamedTuple):
@@ -76,6 +77,29 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, adapters: Sequence[Ad
         norm = a.norm if a.norm is not None else ops.weight_norm(weight, a.lora_A, a.lora_B, a.scaling)
         result = _dora_update(result, lora, _gain(a, norm), bias, x_drop,
                               lambda xd: F.linear(xd, weight.to(xd.dtype))).to(out_dtype)
+    return result
+
+
+def rescale(x: Tensor, result: Tensor, bias: Tensor | None, adapters: Sequence[Adapter], training: bool,
+            base_of: Callable[[Tensor], Tensor]) -> Tensor:
+    """Adapters over a base output computed elsewhere (a quantized layer's own kernel): result = base(x) + bias.
+    Each DoRA adapter is one ops.dora_rescale (PEFT's composition: multiplicative, or with dropout additive with
+    base_of(x_d) = W·x_d without bias, the base layer's own product again); plain LoRA adds s·B·A·x_d. x is cast to
+    the adapters' dtype and the output back to result's (PEFT's rule for quantized layers outside autocast)."""
+    out_dtype = result.dtype
+    for a in adapters:
+        xa = x.to(a.lora_A.dtype)
+        x_drop = _dropped(xa, a, training)
+        src = xa if x_drop is None else x_drop
+        u = src @ a.lora_A.T
+        dtype = torch.promote_types(result.dtype, u.dtype)
+        if a.magnitude is None:  # plain LoRA
+            result = (result + (u @ a.lora_B.T) * a.scaling).to(out_dtype)
+            continue
+        base = None if x_drop is None else base_of(x_drop).to(dtype)
+        result = ops.dora_rescale(result.to(dtype), u.to(dtype), a.lora_B, a.magnitude, a.norm, a.scaling,
+                                  bias=None if bias is None or base is not None else bias.to(dtype),
+                                  base=base).to(out_dtype)
     return result
 
 

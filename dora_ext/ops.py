@@ -18,7 +18,7 @@ import weakref
 import torch
 from torch import Tensor
 
-__all__ = ["weight_norm", "dora_linear", "dora_rescale", "merge_", "unmerge_", "NORM_EPS", "accum_dtype",
+__all__ = ["weight_norm", "weight_norm_4bit", "weight_norm_int8", "dora_linear", "dora_rescale", "dora_mixed", "merge_", "unmerge_", "NORM_EPS", "accum_dtype",
            "set_activation_memory", "activation_memory", "ACTIVATION_MODES"]
 
 _ops = torch.ops.dora_ext
@@ -64,10 +64,43 @@ def _weight_norm_fake(weight, lora_A, lora_B, scaling):
 
 def _weight_norm_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(output)
+    ctx.n_inputs = len(inputs)
 
 
 def _weight_norm_backward(ctx, grad):
-    return None, None, None, None  # a constant by definition (DoRA §4.3)
+    return (None,) * ctx.n_inputs  # a constant by definition (DoRA §4.3)
+
+
+def weight_norm_4bit(packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, shape: tuple[int, int],
+                     dtype: torch.dtype, lora_A: Tensor, lora_B: Tensor, scaling: float, *,
+                     absmax_code: Tensor | None = None, absmax_scale: Tensor | None = None,
+                     absmax_offset: Tensor | None = None, absmax_blocksize: int = 0, row_group: int = 0) -> Tensor:
+    """Row norms ‖dequant(W) + s·B·A‖₂ → [out] of a bitsandbytes 4-bit weight of `shape` [out, in], read from its
+    packed storage (uint8, two codes per byte) in row blocks: the dequantized [out, in] weight never exists.
+    absmax/code/blocksize and the nested absmax_* tensors are the QuantState's; every dequantized value is rounded to
+    `dtype` (the QuantState's dtype) first, as bitsandbytes' dequantize_4bit does. float32 (float64 adapters: float64).
+    row_group=32: the codes are in bitsandbytes' CPU layout (csrc/quantized_weights.h), absmax in the standard order.
+    dora_ext.quantized.weight_norm takes the bitsandbytes layer itself."""
+    with autocast_off(packed):
+        return _ops.weight_norm_4bit(packed, absmax, code, int(blocksize), absmax_code, absmax_scale, absmax_offset,
+                                     int(absmax_blocksize), int(shape[0]), int(shape[1]), dtype, lora_A, lora_B,
+                                     float(scaling), int(row_group))
+
+
+def weight_norm_int8(weight: Tensor, row_scale: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    """Row norms ‖W + s·B·A‖₂ → [out] of a bitsandbytes LLM.int8 weight W = CB · SCB / 127 (weight: CB int8
+    [out, in], row_scale: SCB float32 [out]), without a dequantized copy."""
+    with autocast_off(weight):
+        return _ops.weight_norm_int8(weight, row_scale, lora_A, lora_B, float(scaling))
+
+
+def _weight_norm_4bit_fake(packed, absmax, code, blocksize, absmax_code, absmax_scale, absmax_offset,
+                           absmax_blocksize, out_features, in_features, dtype, lora_A, lora_B, scaling, row_group=0):
+    return packed.new_empty((out_features,), dtype=accum_dtype(lora_A))
+
+
+def _weight_norm_int8_fake(weight, row_scale, lora_A, lora_B, scaling):
+    return weight.new_empty((weight.shape[0],), dtype=accum_dtype(lora_A))
 
 
 
@@ -339,6 +372,37 @@ def _dora_rescale_backward_fake(grad_out, lora_u, lora_B, magnitude, weight_norm
     )
 
 
+# ----------------------------------------------------------------------------------------------------- serving
+def dora_mixed(result: Tensor, x: Tensor, adapters, adapter_index: Tensor, *, bias: Tensor | None = None) -> Tensor:
+    """Serving: every token through its own adapter over one base output (inference only, no gradients).
+
+    result: the base layer's output [..., out] for all tokens (bias included); x: its input [..., in];
+    adapters: a list of (lora_A [r, in], lora_B [out, r], scaling, magnitude [out] or None for plain LoRA,
+    weight_norm [out] or None), e.g. cached norms; adapter_index: [T] int64, the adapter of each token, or
+    len(adapters) for none (the base output, bit for bit). Returns result + (g−1) ⊙ (result − bias) + g ⊙ s·x AᵀBᵀ
+    per token (PEFT's eval form; g = 1 for plain LoRA), a new tensor of result's shape and dtype."""
+    acc = accum_dtype(result, *(a[3] for a in adapters), *(a[4] for a in adapters))
+    ones = result.new_ones((result.shape[-1],), dtype=acc)
+    mags = [ones if m is None else m.reshape(-1).to(acc) for _, _, _, m, _ in adapters]
+    norms = [ones if n is None else n.reshape(-1).to(acc) for _, _, _, _, n in adapters]
+    with autocast_off(result):
+        return _ops.dora_mixed(result, bias, x, [a[0] for a in adapters], [a[1] for a in adapters],
+                               [float(a[2]) for a in adapters], torch.stack(mags), torch.stack(norms), adapter_index)
+
+
+def _dora_mixed_fake(result, bias, x, lora_A, lora_B, scaling, magnitude, weight_norm, adapter_index):
+    return torch.empty_like(result, memory_format=torch.contiguous_format)
+
+
+def _dora_mixed_setup(ctx, inputs, output):
+    pass
+
+
+def _dora_mixed_backward(ctx, grad):
+    raise RuntimeError("dora_ext::dora_mixed: mixed-adapter batches are for inference; it has no backward (train "
+                       "each adapter with its own batches)")
+
+
 # ---------------------------------------------------------------------------------------------------- merging
 def merge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, weight_norm: Tensor, scaling: float):
     """In place: weight ← g ⊙ (weight + s·B·A), g = m / max(weight_norm, eps), weight_norm of the unmerged weight.
@@ -360,15 +424,18 @@ def register_namespace(ns: str) -> None:
     """Fake kernels and autograd for every op of namespace `ns`: "dora_ext", and the CUDA-emulation test library's
     "dora_ext_emu", which has the same schemas. Each namespace's backward calls its own backward op."""
     ops_ns = getattr(torch.ops, ns)
-    for name in ("weight_norm", "dora_linear", "dora_linear_backward", "dora_rescale", "dora_rescale_backward"):
+    for name in ("weight_norm", "weight_norm_4bit", "weight_norm_int8", "dora_linear", "dora_linear_backward",
+                 "dora_rescale", "dora_rescale_backward", "dora_mixed"):
         torch.library.register_fake(f"{ns}::{name}", globals()[f"_{name}_fake"])
-    torch.library.register_autograd(f"{ns}::weight_norm", _weight_norm_backward, setup_context=_weight_norm_setup)
+    for name in ("weight_norm", "weight_norm_4bit", "weight_norm_int8"):  # constants: no gradient to anything
+        torch.library.register_autograd(f"{ns}::{name}", _weight_norm_backward, setup_context=_weight_norm_setup)
     torch.library.register_autograd(
         f"{ns}::dora_linear", lambda ctx, *g: _dora_linear_backward(ctx, *g, _ns=ops_ns),
         setup_context=_dora_linear_setup)
     torch.library.register_autograd(
         f"{ns}::dora_rescale", lambda ctx, *g: _dora_rescale_backward(ctx, *g, _ns=ops_ns),
         setup_context=_dora_rescale_setup)
+    torch.library.register_autograd(f"{ns}::dora_mixed", _dora_mixed_backward, setup_context=_dora_mixed_setup)
 
 
 register_namespace("dora_ext")

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops
+from . import ops, quantized
 from .layer_state import NormCache
 
 __all__ = ["convert_peft_model", "patch_peft", "unpatch_peft", "peft_patched", "is_fused", "PEFT_TESTED"]
@@ -64,9 +64,19 @@ def _peft():
 def _weight_norm(module: nn.Module, adapter: str, weight2d: Tensor, A2d: Tensor, B2d: Tensor, scaling: float):
     """‖W + s·B·A‖ per output row, fused; in eval reused until W, A, B or the scaling change (layer_state.NormCache,
     kept in the instance __dict__, outside the state_dict, like PEFT's own `_caches`)."""
+    return _cached_norm(module, adapter, (weight2d, A2d, B2d), scaling,
+                        lambda: ops.weight_norm(weight2d, A2d, B2d, scaling))
+
+
+def _cached_norm(module: nn.Module, adapter: str, key: tuple, scaling: float, compute):
     cache = module.__dict__.setdefault("_dora_ext_norms", NormCache())
-    return cache.norm(adapter, (weight2d, A2d, B2d), scaling, module.training,
-                      lambda: ops.weight_norm(weight2d, A2d, B2d, scaling))
+    return cache.norm(adapter, key, scaling, module.training, compute)
+
+
+def _quantized_norm(module: nn.Module, adapter: str, base_layer: nn.Module, A: Tensor, B: Tensor, scaling: float):
+    """The norm of a bitsandbytes base layer, read from its packed weight (dora_ext.quantized), cached in eval."""
+    return _cached_norm(module, adapter, (*quantized.storage(base_layer), A, B), scaling,
+                        lambda: quantized.weight_norm(base_layer, A, B, scaling))
 
 
 @torch.no_grad()
@@ -85,7 +95,6 @@ def _variant_classes():
     if _VARIANTS:
         return _VARIANTS
     lora_layer, pv = _peft()
-    from peft.utils.integrations import dequantize_module_weight
     from peft.utils.other import transpose
 
     class FusedDoraLinearVariant(pv.DoraLinearVariant):
@@ -94,14 +103,18 @@ def _variant_classes():
 
         @staticmethod
         def init(module, adapter_name, **kwargs):
+            base_layer = module.get_base_layer()
+            bits = quantized.kind(base_layer)  # refuses quantized layers it cannot read (HQQ, GPTQ, torchao, ...)
             pv.DoraLinearVariant.init(module, adapter_name, **kwargs)
             # The magnitude from the same fused norm the forward computes, so an untrained adapter has g = 1
             # exactly and returns the base output bit for bit, as PEFT's own init does with its own norm.
-            base_layer = module.get_base_layer()
-            weight = transpose(dequantize_module_weight(base_layer), module.fan_in_fan_out)
-            _set_magnitude(module, adapter_name, ops.weight_norm(
-                weight, module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight,
-                module.scaling[adapter_name]))
+            A, B, scaling = module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight, \
+                module.scaling[adapter_name]
+            if bits:
+                norm = quantized.weight_norm(base_layer, A, B, scaling)
+            else:
+                norm = ops.weight_norm(transpose(base_layer.weight, module.fan_in_fan_out), A, B, scaling)
+            _set_magnitude(module, adapter_name, norm)
 
         @staticmethod
         def forward(module, active_adapter, x, result, **kwargs):
@@ -113,11 +126,13 @@ def _variant_classes():
                     or (bias is not None and bias.requires_grad) or lora_B.weight.device != result.device):
                 # lora_B with a bias, offloaded adapters or a trainable base bias: PEFT's own arithmetic
                 return pv.DoraLinearVariant.forward(module, a, x, result, **kwargs)
-            weight = transpose(dequantize_module_weight(base_layer), module.fan_in_fan_out)  # [out, in] (a view)
             scaling = module.scaling[a]
-            norm = _weight_norm(module, a, weight, lora_A.weight, lora_B.weight, scaling)
             magnitude = module.lora_magnitude_vector[a].weight
             dtype = torch.promote_types(result.dtype, x.dtype)  # as PEFT: result + (fp32 DoRA term)
+            if quantized.kind(base_layer):
+                return _quantized_forward(module, a, base_layer, x, result, dtype)
+            weight = transpose(base_layer.weight, module.fan_in_fan_out)  # [out, in] (a view)
+            norm = _weight_norm(module, a, weight, lora_A.weight, lora_B.weight, scaling)
             if _dropout_active(module, a):
                 x = module.lora_dropout[a](x)
                 base = F.linear(x, weight.to(x.dtype)).to(dtype)  # W·x_d, no bias: PEFT recomputes it too
@@ -128,6 +143,23 @@ def _variant_classes():
                                         scaling, x=x, weight=weight)
             return ops.dora_rescale(result.to(dtype), lora_A(x).to(dtype), lora_B.weight, magnitude, norm, scaling,
                                     bias=bias.to(dtype))
+
+    def _quantized_forward(module, a, base_layer, x, result, dtype):
+        """A bitsandbytes base layer: the norm from the packed weight; with dropout, W·x_d is bitsandbytes' own
+        product (PEFT dequantizes the whole W for it); without, result − bias as for nn.Linear. The magnitude
+        gradient keeps acc (the output cannot be recovered without a dense W)."""
+        lora_A, lora_B = module.lora_A[a], module.lora_B[a]
+        scaling, bias = module.scaling[a], base_layer.bias
+        norm = _quantized_norm(module, a, base_layer, lora_A.weight, lora_B.weight, scaling)
+        magnitude = module.lora_magnitude_vector[a].weight
+        if _dropout_active(module, a):
+            x = module.lora_dropout[a](x)
+            base = base_layer(x)
+            base = (base if bias is None else base - bias).to(dtype)
+            return ops.dora_rescale(result.to(dtype), lora_A(x).to(dtype), lora_B.weight, magnitude, norm, scaling,
+                                    base=base)
+        return ops.dora_rescale(result.to(dtype), lora_A(x).to(dtype), lora_B.weight, magnitude, norm, scaling,
+                                bias=None if bias is None else bias.to(dtype))
 
     class FusedDoraEmbeddingVariant(pv.DoraEmbeddingVariant):
         """PEFT's DoraEmbeddingVariant with the fused norm (over the vocabulary, one gain per embedding dim)."""
@@ -217,13 +249,78 @@ def is_fused(layer: nn.Module, adapter: str) -> bool:
     return type(layer.lora_variant.get(adapter)) in set(_variant_classes().values())
 
 
+def _serves_mixed(layer, names) -> bool:
+    """Whether this converted layer runs a mixed batch of `names` itself: a linear layer (nn.Linear, Conv1D or a
+    bitsandbytes base) whose named adapters are fused DoRA or plain LoRA, in eval, without the cases the fused
+    variant leaves to PEFT (lora_B bias, offloading). Otherwise PEFT's own mixed-batch code (and checks) apply."""
+    lora_layer, _ = _peft()
+    bnb_layer = any(c.__module__ == "peft.tuners.lora.bnb" for c in type(layer).__mro__)
+    if not (isinstance(layer, lora_layer.Linear) or bnb_layer):
+        return False
+    if layer.training or getattr(layer, "ephemeral_gpu_offload", False):
+        return False
+    fused = set(_variant_classes().values())
+    for name in set(names):
+        if name not in layer.lora_A:
+            continue
+        if layer.lora_bias.get(name, False):
+            return False
+        variant = layer.lora_variant.get(name)
+        if variant is not None and type(variant) not in fused:
+            return False
+    return True
+
+
 # ------------------------------------------------------------------------------ per model: fused layer classes
 class _FusedResolve:
     """Mixin for a PEFT LoRA layer class: adapters added later (add_adapter, load_adapter, a second
-    get_peft_model call) resolve to the fused variants too."""
+    get_peft_model call) resolve to the fused variants too; and linear layers serve mixed-adapter batches
+    (`adapter_names`) with DoRA adapters in them, which PEFT refuses (dora_ext.serving)."""
 
     def resolve_lora_variant(self, *, config, **kwargs):
         return _fused(super().resolve_lora_variant(config=config, **kwargs))
+
+    def _check_forward_args(self, x, *args, **kwargs):
+        names = kwargs.get("adapter_names")
+        if names is None or not _serves_mixed(self, names):
+            return super()._check_forward_args(x, *args, **kwargs)
+        # PEFT's own checks (peft/tuners/lora/layer.py LoraLayer._check_forward_args), without its DoRA refusal
+        if len(x) != len(names):
+            raise ValueError("Length of `adapter_names` should be the same as the number of inputs, but got "
+                             f"{len(names)} and {len(x)} respectively.")
+        if self.merged:
+            raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
+                             "`unmerge_adapter` first.")
+
+    def _mixed_batch_forward(self, x, *args, adapter_names, **kwargs):
+        if not _serves_mixed(self, adapter_names):
+            return super()._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        from peft.utils.other import transpose
+
+        from .serving import token_index
+
+        for key in ("alora_offsets",):  # PEFT's VARIANT_KWARG_KEYS: not for the base layer
+            kwargs.pop(key, None)
+        result = self.base_layer(x, *args, **kwargs)
+        base_layer = self.get_base_layer()
+        held = [n for n in dict.fromkeys(adapter_names) if n in self.lora_A]
+        if not held:
+            return result
+        adapters = []
+        for name in held:
+            A, B, scaling = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+            if name not in self.lora_variant:  # plain LoRA: gain 1
+                adapters.append((A, B, scaling, None, None))
+                continue
+            if quantized.kind(base_layer):
+                norm = _quantized_norm(self, name, base_layer, A, B, scaling)
+            else:
+                norm = _weight_norm(self, name, transpose(base_layer.weight, self.fan_in_fan_out), A, B, scaling)
+            adapters.append((A, B, scaling, self.lora_magnitude_vector[name].weight, norm))
+        bias = getattr(base_layer, "bias", None)
+        with torch.no_grad():
+            return ops.dora_mixed(result, x, adapters, token_index(adapter_names, held, x),
+                                  bias=None if bias is None else bias.to(result.dtype))
 
 
 _FUSED_LAYER_CLASSES: dict[type, type] = {}
@@ -250,6 +347,9 @@ def convert_peft_model(model: nn.Module) -> nn.Module:
     layers = [m for m in model.modules() if isinstance(m, lora_layer.LoraLayer)]
     if not layers:
         raise ValueError("dora_ext.from_peft: no PEFT LoRA layers in this model")
+    for layer in layers:  # first every check, so a refused model is left as it was
+        if any(type(v) in _variant_classes() for v in layer.lora_variant.values()):
+            quantized.kind(layer.get_base_layer())  # refuses quantized layers it cannot read (HQQ, torchao, ...)
     for layer in layers:
         layer.__class__ = _fused_layer_class(type(layer))
         for name, variant in list(layer.lora_variant.items()):

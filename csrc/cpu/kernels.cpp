@@ -29,19 +29,86 @@ void for_each_row_block(int64_t out_features, int64_t in_features, const Fn& fn)
     });
 }
 
-}  // namespace
 
-at::Tensor lowrank_row_norm(const at::Tensor& W_in, const at::Tensor& A_in, const at::Tensor& B_in, double s) {
-    const auto W = W_in.detach(), A = A_in.detach(), B = B_in.detach();
-    const int64_t out = W.size(0), in = W.size(1);
+// ‖W_j + s·B_j·A‖ for every row, where fill(V, r0, rows) writes rows [r0, r0 + rows) of W into the block V
+// [rows, in] (accumulation dtype): one block-sized temporary per thread, never [out, in].
+template <typename Fill>
+at::Tensor row_norm_by_blocks(int64_t out, int64_t in, const at::Tensor& A_in, const at::Tensor& B_in, double s,
+                              const Fill& fill) {
+    const auto A = A_in.detach(), B = B_in.detach();
     auto norm = at::empty({out}, A.options());
     for_each_row_block(out, in, [&](int64_t r0, int64_t rows) {
-        // V = W[rows] + s·B[rows]·A in the accumulation dtype: one block-sized temporary, never [out, in].
         auto V = at::empty({rows, in}, A.options());
-        V.copy_(W.narrow(0, r0, rows));
+        fill(V, r0, rows);
         V.addmm_(B.narrow(0, r0, rows), A, 1.0, s);
         auto dst = norm.narrow(0, r0, rows);
         at::linalg_vector_norm_out(dst, V, 2, at::IntArrayRef{1});
+    });
+    return norm;
+}
+
+}  // namespace
+
+at::Tensor lowrank_row_norm(const at::Tensor& W_in, const at::Tensor& A, const at::Tensor& B, double s) {
+    const auto W = W_in.detach();
+    return row_norm_by_blocks(W.size(0), W.size(1), A, B, s,
+                              [&](at::Tensor& V, int64_t r0, int64_t rows) { V.copy_(W.narrow(0, r0, rows)); });
+}
+
+at::Tensor packed4_row_norm(const Packed4bit& W, const at::Tensor& A, const at::Tensor& B, double s) {
+    const Packed4View view = packed4_view(W);
+    at::Tensor norm;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W.dtype, "dora_ext::packed4_row_norm", [&] {
+        using w_t = scalar_t;  // the dequantized dtype: each value is rounded to it, as bitsandbytes does
+        AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "dora_ext::packed4_row_norm_acc", [&] {
+            using acc_t = scalar_t;
+            norm = row_norm_by_blocks(W.out, W.in, A, B, s, [&](at::Tensor& V, int64_t r0, int64_t rows) {
+                acc_t* v = V.mutable_data_ptr<acc_t>();
+                if (view.row_group != 0 || W.in % 2 != 0) {  // the CPU layout, odd rows: element by element
+                    for (int64_t j = 0; j < rows; ++j)
+                        for (int64_t k = 0; k < W.in; ++k)
+                            v[j * W.in + k] = static_cast<acc_t>(static_cast<w_t>(packed4_value(view, r0 + j, k)));
+                    return;
+                }
+                // Rows start on a byte and blocks hold an even number of codes: per stretch of a row inside one
+                // block, the 16 possible values (code[q] · absmax, rounded: packed4_value's arithmetic) once,
+                // then one table lookup per code.
+                for (int64_t j = 0; j < rows; ++j) {
+                    const int64_t f0 = (r0 + j) * W.in;
+                    acc_t* vr = v + j * W.in;
+                    for (int64_t k0 = 0; k0 < W.in;) {
+                        const int64_t block = (f0 + k0) >> view.blocksize_log2;
+                        const int64_t k1 = std::min<int64_t>(W.in, ((block + 1) << view.blocksize_log2) - f0);
+                        const float absmax = packed4_absmax(view, block);
+                        acc_t table[16];
+                        for (int q = 0; q < 16; ++q) table[q] = static_cast<acc_t>(static_cast<w_t>(view.code[q] * absmax));
+                        const uint8_t* p = view.packed + ((f0 + k0) >> 1);
+                        for (int64_t k = k0; k < k1; k += 2, ++p) {
+                            vr[k] = table[*p >> 4];
+                            vr[k + 1] = table[*p & 0x0F];
+                        }
+                        k0 = k1;
+                    }
+                }
+            });
+        });
+    });
+    return norm;
+}
+
+at::Tensor int8_row_norm(const at::Tensor& CB, const at::Tensor& SCB, const at::Tensor& A, const at::Tensor& B,
+                         double s) {
+    const int64_t in = CB.size(1);
+    const auto* cb = CB.const_data_ptr<int8_t>();
+    const auto* scb = SCB.const_data_ptr<float>();
+    at::Tensor norm;
+    AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "dora_ext::int8_row_norm", [&] {
+        using acc_t = scalar_t;
+        norm = row_norm_by_blocks(CB.size(0), in, A, B, s, [&](at::Tensor& V, int64_t r0, int64_t rows) {
+            acc_t* v = V.mutable_data_ptr<acc_t>();
+            for (int64_t j = 0; j < rows; ++j)
+                for (int64_t k = 0; k < in; ++k) v[j * in + k] = static_cast<acc_t>(int8_value(cb, scb, in, r0 + j, k));
+        });
     });
     return norm;
 }
@@ -162,6 +229,38 @@ void backward_reduce(BackwardReduce& r) {
     });
 }
 
-const Kernels kKernels{&lowrank_row_norm, &lowrank_rowscale_, &epilogue, &epilogue_dropout, &backward_reduce};
+void mixed_epilogue(at::Tensor& out, const at::Tensor& result, const at::Tensor& lora, const at::Tensor& g,
+                    const at::Tensor& gm1, const at::Tensor& index, const at::Tensor& bias) {
+    const int64_t T = result.size(0), N = result.size(1), K = g.size(0);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, result.scalar_type(), "dora_ext::mixed_epilogue", [&] {
+        using opmath_t = at::opmath_type<scalar_t>;
+        const auto* r = result.const_data_ptr<scalar_t>();
+        const auto* l = lora.const_data_ptr<opmath_t>();
+        const auto* gp = g.const_data_ptr<opmath_t>();
+        const auto* gm1p = gm1.const_data_ptr<opmath_t>();
+        const auto* idx = index.const_data_ptr<int64_t>();
+        const scalar_t* bp = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+        auto* o = out.mutable_data_ptr<scalar_t>();
+        at::parallel_for(0, T, std::max<int64_t>(1, 32768 / std::max<int64_t>(N, 1)), [&](int64_t t0, int64_t t1) {
+            for (int64_t t = t0; t < t1; ++t) {
+                const int64_t k = idx[t], row = t * N;
+                if (k == K) {
+                    std::copy(r + row, r + row + N, o + row);
+                    continue;
+                }
+                const opmath_t* gk = gp + k * N;
+                const opmath_t* gm1k = gm1p + k * N;
+                for (int64_t j = 0; j < N; ++j) {
+                    const opmath_t rv = static_cast<opmath_t>(r[row + j]);
+                    const opmath_t base = bp ? rv - static_cast<opmath_t>(bp[j]) : rv;
+                    o[row + j] = static_cast<scalar_t>(rv + gm1k[j] * base + gk[j] * l[row + j]);
+                }
+            }
+        });
+    });
+}
+
+const Kernels kKernels{&lowrank_row_norm, &packed4_row_norm, &int8_row_norm, &lowrank_rowscale_, &epilogue,
+                       &epilogue_dropout, &backward_reduce, &mixed_epilogue};
 
 }  // namespace dora_ext::cpu

@@ -31,12 +31,37 @@ constexpr int64_t kMaxGridY = 65535;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// kMerge == false: norm[j] = ‖W_j + s·B_j·A‖₂.   kMerge == true: W_j ← c_j·W_j + d_j·s·(B_j·A), in place.
-template <typename w_t, typename acc_t, bool kMerge>
-__global__ void lowrank_rows_kernel(w_t* __restrict__ W, int64_t sw0, int64_t sw1, const acc_t* __restrict__ A,
-                                    const acc_t* __restrict__ B, int64_t out, int64_t in, int64_t r, acc_t s,
-                                    const acc_t* __restrict__ c, const acc_t* __restrict__ d,
-                                    acc_t* __restrict__ norm) {
+// How the low-rank row kernels read (and, merging, write) element (row, k) of W, in the accumulation dtype.
+template <typename w_t, typename acc_t>
+struct StridedRows {  // a floating-point [out, in] tensor, any strides (transposed views for Conv1D layers)
+    w_t* W;
+    int64_t s0, s1;
+    __device__ acc_t load(int64_t row, int64_t k) const { return static_cast<acc_t>(W[row * s0 + k * s1]); }
+    __device__ void store(int64_t row, int64_t k, acc_t v) const { W[row * s0 + k * s1] = static_cast<w_t>(v); }
+};
+
+template <typename w_t, typename acc_t>
+struct Packed4Rows {  // a bitsandbytes 4-bit weight; each value rounded to the dequantized dtype w_t, as bitsandbytes
+    Packed4View v;
+    __device__ acc_t load(int64_t row, int64_t k) const {
+        return static_cast<acc_t>(static_cast<w_t>(packed4_value(v, row, k)));
+    }
+};
+
+template <typename acc_t>
+struct Int8Rows {  // a bitsandbytes LLM.int8 weight CB [out, in] with row scales SCB
+    const int8_t* CB;
+    const float* SCB;
+    int64_t in;
+    __device__ acc_t load(int64_t row, int64_t k) const { return static_cast<acc_t>(int8_value(CB, SCB, in, row, k)); }
+};
+
+// One block per kRowsPerBlock rows of W. kMerge == false: norm[j] = ‖W_j + s·B_j·A‖₂.
+// kMerge == true: W_j ← c_j·W_j + d_j·s·(B_j·A), in place.
+template <bool kMerge, typename Rows, typename acc_t>
+__device__ void lowrank_rows(const Rows& W, const acc_t* __restrict__ A, const acc_t* __restrict__ B, int64_t out,
+                             int64_t in, int64_t r, acc_t s, const acc_t* __restrict__ c, const acc_t* __restrict__ d,
+                             acc_t* __restrict__ norm) {
     const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock;
     const int rows = out - row0 < kRowsPerBlock ? static_cast<int>(out - row0) : kRowsPerBlock;
     acc_t sumsq[kRowsPerBlock];
@@ -57,10 +82,9 @@ __global__ void lowrank_rows_kernel(w_t* __restrict__ W, int64_t sw0, int64_t sw
 #pragma unroll
         for (int jj = 0; jj < kRowsPerBlock; ++jj) {
             if (jj < rows) {
-                w_t* wp = W + (row0 + jj) * sw0 + k * sw1;
-                const acc_t w = static_cast<acc_t>(*wp);
+                const acc_t w = W.load(row0 + jj, k);
                 if constexpr (kMerge) {
-                    *wp = static_cast<w_t>(c[row0 + jj] * w + d[row0 + jj] * s * low[jj]);
+                    W.store(row0 + jj, k, c[row0 + jj] * w + d[row0 + jj] * s * low[jj]);
                 } else {
                     const acc_t v = w + s * low[jj];
                     sumsq[jj] += v * v;
@@ -82,6 +106,39 @@ __global__ void lowrank_rows_kernel(w_t* __restrict__ W, int64_t sw0, int64_t sw
         }
         if (threadIdx.x < rows) norm[row0 + threadIdx.x] = sqrt(red[threadIdx.x][0]);
     }
+}
+
+template <typename w_t, typename acc_t, bool kMerge>
+__global__ void lowrank_rows_kernel(w_t* __restrict__ W, int64_t sw0, int64_t sw1, const acc_t* __restrict__ A,
+                                    const acc_t* __restrict__ B, int64_t out, int64_t in, int64_t r, acc_t s,
+                                    const acc_t* __restrict__ c, const acc_t* __restrict__ d,
+                                    acc_t* __restrict__ norm) {
+    lowrank_rows<kMerge>(StridedRows<w_t, acc_t>{W, sw0, sw1}, A, B, out, in, r, s, c, d, norm);
+}
+
+// The 4-bit norm: the code tables (16 entries, and 256 for a nested absmax) are copied to shared memory once per
+// block, so the per-element decode reads the packed byte and its block's absmax from global memory and nothing else.
+template <typename w_t, typename acc_t>
+__global__ void packed4_norm_kernel(Packed4View v, const acc_t* __restrict__ A, const acc_t* __restrict__ B,
+                                    int64_t out, int64_t in, int64_t r, acc_t s, acc_t* __restrict__ norm) {
+    DORA_SHARED(float, lut, [16 + 256]);
+    for (int i = threadIdx.x; i < 16; i += blockDim.x) lut[i] = v.code[i];
+    if (v.absmax_q != nullptr) {
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) lut[16 + i] = v.absmax_code[i];
+    }
+    __syncthreads();
+    v.code = lut;
+    if (v.absmax_q != nullptr) v.absmax_code = lut + 16;
+    lowrank_rows<false>(Packed4Rows<w_t, acc_t>{v}, A, B, out, in, r, s, static_cast<const acc_t*>(nullptr),
+                        static_cast<const acc_t*>(nullptr), norm);
+}
+
+template <typename acc_t>
+__global__ void int8_norm_kernel(const int8_t* __restrict__ CB, const float* __restrict__ SCB,
+                                 const acc_t* __restrict__ A, const acc_t* __restrict__ B, int64_t out, int64_t in,
+                                 int64_t r, acc_t s, acc_t* __restrict__ norm) {
+    lowrank_rows<false>(Int8Rows<acc_t>{CB, SCB, in}, A, B, out, in, r, s, static_cast<const acc_t*>(nullptr),
+                        static_cast<const acc_t*>(nullptr), norm);
 }
 
 template <bool kMerge>
@@ -180,6 +237,26 @@ __global__ void chunk_sum_kernel(const acc_t* __restrict__ part, acc_t* __restri
     dst[j] = total;
 }
 
+// One thread per column, rows grid-strided; a row's adapter index is uniform across the block.
+template <typename scalar_t, typename acc_t>
+__global__ void mixed_epilogue_kernel(scalar_t* __restrict__ out, const scalar_t* __restrict__ result,
+                                      const acc_t* __restrict__ lora, const acc_t* __restrict__ g,
+                                      const acc_t* __restrict__ gm1, const int64_t* __restrict__ index,
+                                      const scalar_t* __restrict__ bias, int64_t T, int64_t N, int64_t K) {
+    const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (j >= N) return;
+    const acc_t bj = bias ? static_cast<acc_t>(bias[j]) : acc_t(0);
+    for (int64_t t = blockIdx.y; t < T; t += gridDim.y) {
+        const int64_t k = index[t], idx = t * N + j;
+        if (k == K) {
+            out[idx] = result[idx];
+            continue;
+        }
+        const acc_t rv = static_cast<acc_t>(result[idx]);
+        out[idx] = static_cast<scalar_t>(rv + gm1[k * N + j] * (rv - bj) + g[k * N + j] * lora[idx]);
+    }
+}
+
 template <typename T>
 T* ptr_or_null(const at::Tensor& t) {
     return t.defined() ? t.data_ptr<T>() : nullptr;
@@ -197,6 +274,45 @@ at::Tensor lowrank_row_norm(const at::Tensor& W, const at::Tensor& A, const at::
 void lowrank_rowscale_(at::Tensor& W, const at::Tensor& c, const at::Tensor& d, const at::Tensor& A,
                        const at::Tensor& B, double s) {
     launch_lowrank_rows<true>(W, A, B, s, &c, &d, nullptr);
+}
+
+at::Tensor packed4_row_norm(const Packed4bit& W, const at::Tensor& A, const at::Tensor& B, double s) {
+    auto norm = at::empty({W.out}, A.options());
+    if (W.out == 0) return norm;
+    DORA_DEVICE_GUARD(W.packed);
+    auto stream = DORA_STREAM;
+    const dim3 grid(static_cast<unsigned>(ceil_div(W.out, kRowsPerBlock)));
+    const Packed4View view = packed4_view(W);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W.dtype, "dora_ext::packed4_row_norm", [&] {
+        using w_t = scalar_t;
+        AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "dora_ext::packed4_row_norm_acc", [&] {
+            using acc_t = scalar_t;
+            auto* kernel = &packed4_norm_kernel<w_t, acc_t>;
+            DORA_LAUNCH(kernel, grid, kThreads, stream, view, A.const_data_ptr<acc_t>(), B.const_data_ptr<acc_t>(),
+                        W.out, W.in, A.size(0), static_cast<acc_t>(s), norm.mutable_data_ptr<acc_t>());
+            DORA_LAUNCH_CHECK();
+        });
+    });
+    return norm;
+}
+
+at::Tensor int8_row_norm(const at::Tensor& CB, const at::Tensor& SCB, const at::Tensor& A, const at::Tensor& B,
+                         double s) {
+    const int64_t out = CB.size(0), in = CB.size(1);
+    auto norm = at::empty({out}, A.options());
+    if (out == 0) return norm;
+    DORA_DEVICE_GUARD(CB);
+    auto stream = DORA_STREAM;
+    const dim3 grid(static_cast<unsigned>(ceil_div(out, kRowsPerBlock)));
+    AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "dora_ext::int8_row_norm", [&] {
+        using acc_t = scalar_t;
+        auto* kernel = &int8_norm_kernel<acc_t>;
+        DORA_LAUNCH(kernel, grid, kThreads, stream, CB.const_data_ptr<int8_t>(), SCB.const_data_ptr<float>(),
+                    A.const_data_ptr<acc_t>(), B.const_data_ptr<acc_t>(), out, in, A.size(0), static_cast<acc_t>(s),
+                    norm.mutable_data_ptr<acc_t>());
+        DORA_LAUNCH_CHECK();
+    });
+    return norm;
 }
 
 void epilogue(at::Tensor& out, const at::Tensor& acc, const at::Tensor& g, const at::Tensor& bias) {
@@ -261,6 +377,23 @@ void backward_reduce(BackwardReduce& r) {
     });
 }
 
-const Kernels kKernels{&lowrank_row_norm, &lowrank_rowscale_, &epilogue, &epilogue_dropout, &backward_reduce};
+void mixed_epilogue(at::Tensor& out, const at::Tensor& result, const at::Tensor& lora, const at::Tensor& g,
+                    const at::Tensor& gm1, const at::Tensor& index, const at::Tensor& bias) {
+    const int64_t T = result.size(0), N = result.size(1), K = g.size(0);
+    DORA_DEVICE_GUARD(out);
+    auto stream = DORA_STREAM;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, result.scalar_type(), "dora_ext::mixed_epilogue", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        auto* kernel = &mixed_epilogue_kernel<scalar_t, acc_t>;
+        DORA_LAUNCH(kernel, column_grid(T, N, 4), kThreads, stream,
+            out.data_ptr<scalar_t>(), result.const_data_ptr<scalar_t>(), lora.const_data_ptr<acc_t>(),
+            g.const_data_ptr<acc_t>(), gm1.const_data_ptr<acc_t>(), index.const_data_ptr<int64_t>(),
+            ptr_or_null<scalar_t>(bias), T, N, K);
+        DORA_LAUNCH_CHECK();
+    });
+}
+
+const Kernels kKernels{&lowrank_row_norm, &packed4_row_norm, &int8_row_norm, &lowrank_rowscale_, &epilogue,
+                       &epilogue_dropout, &backward_reduce, &mixed_epilogue};
 
 }  // namespace dora_ext::cuda

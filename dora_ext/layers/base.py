@@ -1,31 +1,21 @@
-"""Multi-adapter DoRA layers with PEFT 0.21's module layout, so state_dict keys, saved keys and from_peft sharing
-line up one to one with peft.tuners.lora.{Linear, Conv2d, Embedding} (peft/tuners/lora/layer.py: LoraLayer, Linear, Conv2d, Embedding):
-
-    <layer>.base_layer.*                              the frozen wrapped layer
-    <layer>.lora_A.<adapter>.weight                   [r, in]  (conv: [r, C_in, k…])
-    <layer>.lora_B.<adapter>.weight                   [out, r] (conv: [C_out, r/groups, 1…])
-    <layer>.lora_embedding_A.<adapter> / _B.<adapter> [r, vocab] / [dim, r]   (Embedding instead of lora_A/B)
-    <layer>.lora_magnitude_vector.<adapter>.weight    [out] (conv: [1, C_out, 1…])
-
-The math lives in dora_ext.functional and dora_ext.ops; a layer holds state (adapters, active set, merges, the
-eval-time norm cache) and picks tensors.
+"""The shared base of dora_ext's layers: adapter bookkeeping (add/set/delete, the variants, trainable flags), the
+eval-time norm cache, merging with its ledger, and the forward's dispatch. Each base-layer kind (linear.py,
+conv.py, embedding.py, quantized_linear.py) says how its tensors map to [out, in] and runs its own forward.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import functional, ops
-from .config import check_alpha, check_dropout, check_rank
-from .layer_state import MergeLedger, NormCache
-from .variants import DoRA, DynamicDoRA, DynamicLoRA, EDoRA, LoRA, Variant
+from .. import functional, ops, serving
+from ..config import check_alpha, check_dropout, check_rank
+from ..layer_state import MergeLedger, NormCache
+from ..variants import DoRA, Variant
 
-__all__ = ["DoRALayer", "Linear", "Conv", "Embedding", "Magnitude", "conv1d_type", "layer_class_for"]
+__all__ = ["DoRALayer", "Magnitude", "conv1d_type"]
 
 
 def conv1d_type():
@@ -55,10 +45,7 @@ class DoRALayer(nn.Module):
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
-        weight = base_layer.weight
-        if not weight.is_floating_point():
-            raise TypeError(f"dora_ext.{type(self).__name__}: expected a floating-point base weight, got "
-                            f"{weight.dtype}")
+        self._check_base(base_layer)
         base_layer.requires_grad_(False)
         self.base_layer = base_layer
         self.lora_magnitude_vector = nn.ModuleDict()
@@ -73,8 +60,24 @@ class DoRALayer(nn.Module):
         self.disable_adapters = False
         self._ledger = MergeLedger()  # merged adapter -> what unmerging needs (layer_state.py)
         self._norm_cache = NormCache()  # eval only
+        self.mixed_names: list[str] | None = None  # one adapter name per sample (dora_ext.mixed_adapters), or None
 
     # ----------------------------------------------------------------------------------- per-type hooks
+    def _check_base(self, base_layer: nn.Module) -> None:
+        weight = base_layer.weight
+        if not weight.is_floating_point():
+            raise TypeError(f"dora_ext.{type(self).__name__}: expected a floating-point base weight, got "
+                            f"{weight.dtype}")
+
+    def _default_adapter_dtype(self) -> torch.dtype:
+        """Adapters of a half-precision base are float32 (PEFT's autocast_adapter_dtype), else the weight's dtype."""
+        dtype = self.weight.dtype
+        return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+    def _norm_key(self) -> list[Tensor]:
+        """The base tensors the norm depends on (the eval-cache key, with norm_inputs)."""
+        return [self.weight]
+
     def weight_2d(self, weight: Tensor | None = None) -> Tensor:
         """The [out, in] view of the base weight (or of `weight`) the norm and merge run on."""
         raise NotImplementedError
@@ -127,7 +130,7 @@ class DoRALayer(nn.Module):
         return [self._tensor(c, name) for c, _, _ in self.tensor_specs(name) if c != "lora_magnitude_vector"]
 
     def _magnitude_shape(self) -> tuple:
-        return (self.weight_2d().shape[0],)
+        return (self.out_features,)
 
     # ----------------------------------------------------------------------------------------------- state
     @property
@@ -174,10 +177,9 @@ class DoRALayer(nn.Module):
         if self.merged:
             raise RuntimeError(f"{what}: unmerge() first; the base weight holds merged adapters")
         variant.check(r, self.in_features, self.out_features, what)
-        weight = self.weight
         if adapter_dtype is None:
-            adapter_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-        factory = {"device": weight.device, "dtype": adapter_dtype}
+            adapter_dtype = self._default_adapter_dtype()
+        factory = {"device": self.weight.device, "dtype": adapter_dtype}
         self.variants[name] = variant
         self._create_factors(name, r, factory)
         for container, tensor in variant.create_extras(r, factory).items():
@@ -236,8 +238,8 @@ class DoRALayer(nn.Module):
 
     def _current_norm(self, name: str, factors: tuple[Tensor, Tensor]) -> Tensor:
         """The norm for a forward; in eval kept until W, A, B or the scaling change (layer_state.NormCache)."""
-        return self._norm_cache.norm(name, (self.weight, *self.norm_inputs(name)), self.scaling[name], self.training,
-                                     lambda: self.weight_norm(name, factors=factors))
+        return self._norm_cache.norm(name, (*self._norm_key(), *self.norm_inputs(name)), self.scaling[name],
+                                     self.training, lambda: self.weight_norm(name, factors=factors))
 
     def clear_cache(self) -> None:
         """Drop the eval-time norm cache (needed only after writing parameters through `.data`)."""
@@ -262,6 +264,13 @@ class DoRALayer(nn.Module):
     def _check_mergeable(self) -> None:
         pass
 
+    def _merge_target(self) -> Tensor:
+        """The weight merging edits in place: the base weight itself (a quantized kind: a dense dequantized copy)."""
+        return self.weight
+
+    def _commit_merge(self, weight: Tensor) -> None:
+        """Called with _merge_target()'s tensor once merging or unmerging edited it (a quantized kind requantizes)."""
+
     @torch.no_grad()
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold adapters (default: the active ones) into the base weight in place: W ← g ⊙ (W + s·B·A), each g from
@@ -274,10 +283,11 @@ class DoRALayer(nn.Module):
             raise ValueError(f"dora_ext.{type(self).__name__}.merge: unknown adapter(s) {unknown}")
         if not names:
             return
-        base = self._unmerged_weight()
+        weight = self._merge_target()
+        base = self._unmerged_weight(weight)
         norms = {a: self.weight_norm(a, base) for a in names}
         if safe_merge:
-            trial = self.weight.detach().clone()
+            trial = weight.detach().clone()
             for a in names:
                 self._ledger.merge_(a, self.weight_2d(trial), *self.factors(a), self._magnitude_of(a), norms[a],
                                     self.scaling[a], record=False)
@@ -285,26 +295,31 @@ class DoRALayer(nn.Module):
                 raise ValueError(f"dora_ext.{type(self).__name__}.merge: NaN/inf in the merged weight of adapters "
                                  f"{names}; the layer was left unmerged")
         for a in names:
-            self._ledger.merge_(a, self.weight_2d(), *self.factors(a), self._magnitude_of(a), norms[a],
+            self._ledger.merge_(a, self.weight_2d(weight), *self.factors(a), self._magnitude_of(a), norms[a],
                                 self.scaling[a])
+        self._commit_merge(weight)
         self.merged_adapters.extend(names)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Undo merge() (all merged adapters, last first) with the norms kept at merge time."""
+        if not self.merged_adapters:
+            return
+        weight = self._merge_target()
         while self.merged_adapters:
             a = self.merged_adapters.pop()
-            self._ledger.unmerge_(a, self.weight_2d(), *self.factors(a), self._magnitude_of(a), self.scaling[a])
+            self._ledger.unmerge_(a, self.weight_2d(weight), *self.factors(a), self._magnitude_of(a), self.scaling[a])
+        self._commit_merge(weight)
 
     def _magnitude_of(self, a: str) -> Tensor | None:
         """The magnitude the merge uses; None for plain LoRA (a gain of exactly 1)."""
         return self.lora_magnitude_vector[a].weight if self.has_magnitude(a) else None
 
-    def _unmerged_weight(self) -> Tensor:
-        """The base weight without merged adapters (a copy when some are merged), for the norms of new merges."""
+    def _unmerged_weight(self, weight: Tensor) -> Tensor:
+        """`weight` without merged adapters (a copy when some are merged), for the norms of new merges."""
         if not self.merged_adapters:
-            return self.weight
-        weight = self.weight.detach().clone()
+            return weight
+        weight = weight.detach().clone()
         for a in reversed(self.merged_adapters):
             self._ledger.unmerge_(a, self.weight_2d(weight), *self.factors(a), self._magnitude_of(a),
                                   self.scaling[a], forget=False)
@@ -315,6 +330,8 @@ class DoRALayer(nn.Module):
         else the DoRA forward of the active adapters."""
         if self.disable_adapters and self.merged:
             self.unmerge()
+        if self.mixed_names is not None and not self.disable_adapters:
+            return self._mixed_forward(x, self.mixed_names, *args, **kwargs)
         active = self._active()
         if self.disable_adapters or self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
@@ -323,206 +340,24 @@ class DoRALayer(nn.Module):
     def _adapted_forward(self, x: Tensor, active: list[str], *args, **kwargs) -> Tensor:
         raise NotImplementedError
 
+    def _mixed_forward(self, x: Tensor, names: list[str], *args, **kwargs) -> Tensor:
+        """Sample i through adapter names[i] (serving.py); this generic form runs each adapter's samples as one
+        sub-batch (the linear kinds fuse it: one base product, one epilogue)."""
+        serving.check_names(names, x.shape[0], f"dora_ext.{type(self).__name__}")
+        groups: dict[str, list[int]] = {}
+        for i, name in enumerate(names):
+            groups.setdefault(name if name in self.r else serving.BASE, []).append(i)
+        out = None
+        for name, rows in groups.items():
+            xs = x[rows]
+            y = self.base_layer(xs, *args, **kwargs) if name == serving.BASE else self._adapted_forward(
+                xs, [name], *args, **kwargs)
+            if out is None:
+                out = y.new_empty((x.shape[0], *y.shape[1:]))
+            out[rows] = y
+        return out
+
     def extra_repr(self) -> str:
         return f"adapters={self.r}, active={self.active_adapters}, merged={self.merged_adapters}"
 
 
-# ------------------------------------------------------------------------------------------------------ Linear
-class Linear(DoRALayer):
-    """DoRA on a frozen nn.Linear, or on a transformers Conv1D (weight stored [in, out]: fan_in_fan_out); also the
-    family variants: plain LoRA, EDoRA (lora_R between frozen SVD factors) and dynamic rank (lora_gate).
-
-    The variants reach the kernels as an ordinary (A, B) pair: EDoRA's B·R and the gated B·diag(c) are [out, r]
-    products folded before the op (autograd carries the gradients to R and c), so the norm, the fused forward and
-    backward, and merging never build the [out, in] ΔW and need no kernels of their own.
-    """
-
-    supported_variants = (DoRA, LoRA, EDoRA, DynamicDoRA, DynamicLoRA)
-
-    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False):
-        conv1d = conv1d_type()
-        is_conv1d = conv1d is not None and isinstance(base_layer, conv1d)
-        if not (isinstance(base_layer, nn.Linear) or is_conv1d):
-            raise TypeError(f"dora_ext.Linear: expected an nn.Linear or transformers Conv1D, got "
-                            f"{type(base_layer).__name__}")
-        super().__init__(base_layer)
-        # PEFT overrides a wrong flag with a warning; the layer type decides.
-        self.fan_in_fan_out = is_conv1d
-        self.out_features, self.in_features = self.weight_2d().shape
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
-        self.lora_R = nn.ParameterDict()  # EDoRA: the trainable r×r matrix
-        self.lora_gate = nn.ParameterDict()  # dynamic rank: one gate per rank-1 component
-
-    @classmethod
-    def factor_shapes(cls, base, r):
-        w = base.weight
-        conv1d = conv1d_type()
-        out, inp = (w.shape[1], w.shape[0]) if conv1d is not None and isinstance(base, conv1d) else w.shape
-        return (r, inp), (out, r), (out,)
-
-    def weight_2d(self, weight=None):
-        weight = self.weight if weight is None else weight
-        return weight.T if self.fan_in_fan_out else weight
-
-    def _factor_tensors(self, name):
-        return self.lora_A[name].weight, self.lora_B[name].weight
-
-    def factors(self, name):
-        return self.variants[name].fold(*self._factor_tensors(name), self.extras(name))
-
-    def _create_factors(self, name, r, factory):
-        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **factory)
-        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, **factory)
-
-    @torch.no_grad()
-    def keep_components(self, name: str, keep: Tensor, swap: Callable[[nn.Parameter, int, Tensor], nn.Parameter]):
-        """Keep only the rank-1 components `keep` of dynamic-rank adapter `name`: lora_A rows, lora_B columns and
-        gates are replaced by `swap(param, dim, keep)` (the allocator's: a new Parameter, optimizer state sliced
-        alike). The scaling s = alpha/r₀ stays as trained."""
-        A, B = self._factor_tensors(name)
-        self.lora_A[name].weight = swap(A, 0, keep)
-        self.lora_B[name].weight = swap(B, 1, keep)
-        self.lora_gate[name] = swap(self.lora_gate[name], 0, keep)
-        self.lora_A[name].out_features = self.lora_B[name].in_features = keep.numel()
-        self.r[name] = int(keep.numel())
-        self.clear_cache()
-
-    def _adapted_forward(self, x: Tensor, active: list[str], *args, **kwargs) -> Tensor:
-        return functional.linear(x, self.weight_2d(), self.base_layer.bias, [self._adapter(a) for a in active],
-                                 self.training)
-
-
-# -------------------------------------------------------------------------------------------------------- Conv
-_CONV_FN = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
-
-
-class Conv(DoRALayer):
-    """DoRA on a frozen nn.Conv1d/2d/3d: one norm and gain per output channel over (C_in/groups, k…).
-
-    groups > 1 follows PEFT: r must be divisible by groups, the norm uses PEFT's reshape of B.view(-1, r) @
-    A.view(r, -1) to W's shape (computed densely, in float32), and merging raises NotImplementedError.
-    """
-
-    def __init__(self, base_layer: nn.Module):
-        if type(base_layer) not in _CONV_FN:
-            raise TypeError(f"dora_ext.Conv: expected an nn.Conv1d/2d/3d, got {type(base_layer).__name__}")
-        super().__init__(base_layer)
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
-        self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
-        b = base_layer
-        self.spec = functional.ConvSpec(_CONV_FN[type(b)], b.stride, b.padding, b.dilation, b.groups)
-
-    @classmethod
-    def factor_shapes(cls, base, r):
-        ones = (1,) * (base.weight.dim() - 2)
-        return (r, base.in_channels, *base.kernel_size), (base.out_channels, r // base.groups, *ones), \
-            (1, base.out_channels, *ones)
-
-    def _magnitude_shape(self):
-        return (1, self.out_features) + (1,) * (self.weight.dim() - 2)
-
-    def weight_2d(self, weight=None):
-        weight = self.weight if weight is None else weight
-        return weight.view(weight.shape[0], -1)  # a view, so merge_ writes through it
-
-    def factors(self, name):
-        A, B = self.lora_A[name].weight, self.lora_B[name].weight
-        return A.reshape(A.shape[0], -1), B.reshape(B.shape[0], -1)
-
-    def _create_factors(self, name, r, factory):
-        b, conv = self.base_layer, type(self.base_layer)
-        if r % b.groups:
-            raise ValueError(f"dora_ext.Conv.add_adapter: expected a rank divisible by groups={b.groups}, got r={r}")
-        ones = (1,) * (self.weight.dim() - 2)
-        self.lora_A[name] = conv(self.in_features, r, b.kernel_size, b.stride, b.padding, bias=False, **factory)
-        self.lora_B[name] = conv(r, self.out_features, ones, ones, groups=b.groups, bias=False, **factory)
-
-    def _factor_tensors(self, name):
-        return self.lora_A[name].weight, self.lora_B[name].weight
-
-    def weight_norm(self, name, weight=None, factors=None):
-        if self.spec.groups == 1:
-            return super().weight_norm(name, weight, factors)
-        weight = self.weight if weight is None else weight
-        A, B = self.lora_A[name].weight, self.lora_B[name].weight
-        r = A.shape[0]
-        dtype = ops.accum_dtype(weight, A)
-        with torch.no_grad():  # PEFT's (grouped) ΔW, dense: merging such layers is not supported anyway
-            delta = (B.reshape(-1, r).to(dtype) @ A.reshape(r, -1).to(dtype)).reshape(weight.shape)
-            return torch.linalg.vector_norm(weight.to(dtype) + self.scaling[name] * delta, dim=tuple(
-                range(1, weight.dim())))
-
-    def _check_mergeable(self):
-        if self.spec.groups > 1:
-            raise NotImplementedError("dora_ext.Conv.merge: merging is not supported for convolutions with "
-                                      f"groups > 1 (got groups={self.spec.groups}), as in PEFT")
-
-    def _forward_factors(self, name, A, B):
-        return self.lora_A[name].weight, self.lora_B[name].weight  # the conv kernels themselves
-
-    def _adapted_forward(self, x: Tensor, active: list[str], *args, **kwargs) -> Tensor:
-        adapters = [self._adapter(a) for a in active]
-        return functional.conv(x, self.base_layer(x), self.weight, self.base_layer.bias, self.spec, adapters,
-                               self.training)
-
-
-# --------------------------------------------------------------------------------------------------- Embedding
-class Embedding(DoRALayer):
-    """DoRA on a frozen nn.Embedding: the norm runs over the vocabulary, one gain per embedding dim (PEFT)."""
-
-    saved_keys = (("lora_embedding_A", "lora_embedding_A"), ("lora_embedding_B", "lora_embedding_B"),
-                  ("lora_magnitude_vector", "lora_magnitude_vector"))
-
-    def __init__(self, base_layer: nn.Module):
-        if not isinstance(base_layer, nn.Embedding):
-            raise TypeError(f"dora_ext.Embedding: expected an nn.Embedding, got {type(base_layer).__name__}")
-        super().__init__(base_layer)
-        self.lora_embedding_A = nn.ParameterDict()
-        self.lora_embedding_B = nn.ParameterDict()
-        self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
-
-    @classmethod
-    def factor_shapes(cls, base, r):
-        return (r, base.num_embeddings), (base.embedding_dim, r), (base.embedding_dim,)
-
-    def weight_2d(self, weight=None):
-        return (self.weight if weight is None else weight).T  # [dim, vocab]
-
-    def factors(self, name):
-        return self.lora_embedding_A[name], self.lora_embedding_B[name]
-
-    def _create_factors(self, name, r, factory):
-        self.lora_embedding_A[name] = nn.Parameter(torch.empty(r, self.in_features, **factory))
-        self.lora_embedding_B[name] = nn.Parameter(torch.empty(self.out_features, r, **factory))
-
-    def _factor_tensors(self, name):
-        return self.lora_embedding_A[name], self.lora_embedding_B[name]
-
-    def _init_adapter(self, name, sigma):
-        nn.init.zeros_(self.lora_embedding_A[name])  # PEFT's embedding init: A = 0, B ~ N(0, 1)
-        nn.init.normal_(self.lora_embedding_B[name])
-
-    def _embed(self, ids: Tensor, table: Tensor) -> Tensor:
-        b = self.base_layer
-        return F.embedding(ids, table, b.padding_idx, b.max_norm, b.norm_type, b.scale_grad_by_freq, b.sparse)
-
-    def _adapted_forward(self, x: Tensor, active: list[str], *args, **kwargs) -> Tensor:
-        embed_scale = getattr(self.base_layer, "embed_scale", None)
-        embed_scale = embed_scale if isinstance(embed_scale, Tensor) or embed_scale is None else torch.tensor(
-            embed_scale)
-        return functional.embedding(x, self.base_layer(x, *args, **kwargs), self._embed, embed_scale,
-                                    [self._adapter(a) for a in active])
-
-
-def layer_class_for(module: nn.Module) -> type[DoRALayer] | None:
-    """The DoRA layer class that wraps `module`, or None for unsupported types."""
-    conv1d = conv1d_type()
-    if isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d)):
-        return Linear
-    if type(module) in _CONV_FN:
-        return Conv
-    if isinstance(module, nn.Embedding):
-        return Embedding
-    return None

@@ -1,0 +1,95 @@
+"""Serving many adapters of one base model in one batch: each sample names its adapter (or "__base__").
+
+Sample i's output equals the model run with only adapter_names[i] active (its eval-time norm cache included); DoRA,
+plain LoRA, EDoRA and dynamic-rank adapters of any rank mix in one batch, and a layer an adapter does not target
+passes that sample through the base. Per linear layer the base product runs once for all tokens and each adapter's
+low-rank part only on its own tokens, with every token's gain applied in one fused epilogue (`ops.dora_mixed`).
+
+  * PeftModels converted by `dora_ext.from_peft`: PEFT's own keyword, `model(**batch, adapter_names=[...])` and
+    `model.generate(..., adapter_names=[...])` (PEFT itself refuses it for DoRA: huggingface/peft#2089).
+  * Models built by `dora_ext.inject` / `load_adapter` (plain models, whose forward takes no extra keyword):
+    `with dora_ext.mixed_adapters(model, names): model(**batch)` (or `model.generate(...)`).
+
+Refused, as PEFT does: training mode, merged adapters, a name no layer knows (the message lists the known ones), a
+list whose length is not the batch size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+
+__all__ = ["BASE", "mixed_adapters", "token_index", "check_names"]
+
+#: the name of "no adapter" in a mixed batch (PEFT's)
+BASE = "__base__"
+
+
+def token_index(names: Sequence[str], adapters: Sequence[str], x: Tensor) -> Tensor:
+    """[T] int64: for every token of x [batch, ..., features], the position of its sample's adapter in `adapters`,
+    or len(adapters) for a name this layer does not hold (the base)."""
+    position = {name: k for k, name in enumerate(adapters)}
+    per_sample = torch.tensor([position.get(n, len(adapters)) for n in names], dtype=torch.int64)
+    tokens_per_sample = x[0].numel() // x.shape[-1] if x.shape[0] else 0
+    return per_sample.repeat_interleave(tokens_per_sample).to(x.device)
+
+
+def check_names(names: Sequence[str], batch: int, where: str) -> None:
+    if len(names) != batch:
+        raise ValueError(f"{where}: expected one adapter name per sample, got {len(names)} names for a batch of "
+                         f"{batch}")
+
+
+def _layers(model: nn.Module):
+    from .model import dora_layers
+
+    return dora_layers(model)
+
+
+@contextlib.contextmanager
+def mixed_adapters(model: nn.Module, adapter_names: Sequence[str]):
+    """Within the block, every forward of `model` (a dora_ext model) runs sample i through adapter_names[i]
+    ("__base__": the base model); generate() works inside it (one name per generated sequence)."""
+    what = "dora_ext.mixed_adapters"
+    layers = _layers(model)
+    if not layers:
+        raise ValueError(f"{what}: the model has no dora_ext layers")
+    if any(layer.training for layer in layers.values()):
+        raise ValueError(f"{what}: mixed-adapter batches are for inference; call model.eval() first")
+    if any(layer.merged for layer in layers.values()):
+        raise ValueError(f"{what}: some adapters are merged into the base weights; unmerge them first")
+    names = list(adapter_names)
+    if not all(isinstance(n, str) for n in names):
+        raise TypeError(f"{what}: expected a list of adapter names (str), got {adapter_names!r}")
+    known = sorted({a for layer in layers.values() for a in layer.adapter_names})
+    unknown = sorted(set(names) - set(known) - {BASE})
+    if unknown:
+        raise ValueError(f"{what}: unknown adapter(s) {unknown}; known: {known} (and {BASE!r} for the base model)")
+    for layer in layers.values():
+        layer.mixed_names = names
+    try:
+        yield model
+    finally:
+        for layer in layers.values():
+            layer.mixed_names = None
+
+
+def linear_mixed(x: Tensor, result: Tensor, bias: Tensor | None, names: Sequence[str], layer) -> Tensor:
+    """The mixed forward of a linear-kind layer (dora_ext's Linear, QuantizedLinear): `result` is its base output."""
+    held = [n for n in dict.fromkeys(names) if n in layer.r]
+    if not held:
+        return result
+    adapters = []
+    for name in held:
+        A, B = layer.factors(name)
+        m = layer.lora_magnitude_vector[name].weight if layer.has_magnitude(name) else None
+        norm = layer._current_norm(name, (A, B)) if m is not None else None  # the eval cache
+        adapters.append((A, B, layer.scaling[name], m, norm))
+    with torch.no_grad():
+        return ops.dora_mixed(result, x, adapters, token_index(names, held, x),
+                              bias=None if bias is None else bias.to(result.dtype))
