@@ -227,6 +227,7 @@ def run(args) -> dict:
         curves[name], models[name] = losses, (model, optimizer)
     best = max(rows, key=lambda r: r["acc_after"])["method"]
     merged_check = check_merge(models[best][0], test_data, out / "best_adapter")
+    served = serve_mixed(models, encoder, test_data, out)
     # Speed and memory, like for like: every trained model and PEFT's LoRA and DoRA on the same model run the same
     # step (no schedule, no allocator) on the same batches, interleaved. Timed after training and evaluation.
     entries = {**models, **peft_models(encoder, len(topics), args.r, args.seed)}
@@ -241,7 +242,7 @@ def run(args) -> dict:
         row["step_ms"] = round(step_ms[name], 1)
         row["peak_step_mib"] = round(step_peak_mib(model, optimizer, train_data[0], device), 1)
     plot(curves, out / "loss_curves.png")
-    result = {"rows": rows, "best": best, "merge_check": merged_check, "device": str(device),
+    result = {"rows": rows, "best": best, "merge_check": merged_check, "served": served, "device": str(device),
               "steps": args.steps, "batch": args.batch, "train_examples": len(train_split.texts),
               "test_examples": len(test_split.texts), "torch": torch.__version__, "timing_rounds": args.timing_rounds}
     (out / "results.json").write_text(json.dumps(result, indent=2))
@@ -263,6 +264,46 @@ def check_merge(model: Classifier, test_data, adapter_dir: Path) -> dict:
             "max_logit_diff": float((merged - unmerged).abs().max()), "adapter_dir": str(adapter_dir)}
 
 
+def serve_mixed(models: dict[str, Classifier], encoder: nn.Module, test_data, out: Path) -> dict:
+    """Serve every trained adapter from one encoder: each adapter saved (PEFT format) and loaded under its own
+    name, then the test set run in mixed batches: row i of every batch goes through adapter (i + shift) mod K, for
+    every shift, so each (sample, adapter) pair is seen once and every batch mixes all K adapters; each sample's
+    pooled embedding goes through its own method's head. Each adapter's accuracy there must equal its own
+    separate evaluation."""
+    served = copy.deepcopy(encoder)
+    names = {method: f"m{k}" for k, method in enumerate(models)}  # adapter names (no spaces, dots or '+')
+    for method, (model, _) in models.items():
+        dora_ext.save_adapter(model.encoder, out / "served" / names[method])
+        dora_ext.load_adapter(served, out / "served" / names[method], adapter_name=names[method])
+    served.eval()
+    methods = list(models)
+    K = len(methods)
+    heads = [models[m][0].head for m in methods]
+    logits = {m: [] for m in methods}
+    with torch.no_grad():
+        for ids, mask, _ in test_data:
+            batch_logits = [torch.empty(len(ids), h.out_features, device=ids.device) for h in heads]
+            rows = torch.arange(len(ids))
+            for shift in range(K):
+                which = (rows + shift) % K
+                with dora_ext.mixed_adapters(served, [names[methods[k]] for k in which.tolist()]):
+                    hidden = served(input_ids=ids, attention_mask=mask).last_hidden_state
+                m = mask.unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1)
+                for k in range(K):
+                    sel = (which == k).nonzero().squeeze(1).to(ids.device)
+                    batch_logits[k][sel] = heads[k](pooled[sel])
+            for k, method in enumerate(methods):
+                logits[method].append(batch_logits[k])
+    report = {}
+    for method in methods:
+        mixed, separate = torch.cat(logits[method]), predict(models[method][0], test_data)
+        report[method] = {"mixed_accuracy": round(accuracy(mixed, test_data), 4),
+                          "separate_accuracy": round(accuracy(separate, test_data), 4),
+                          "max_logit_diff": float((mixed - separate).abs().max())}
+    return report
+
+
 def render(result: dict) -> str:
     lines = [f"# all-MiniLM-L6-v2 on Python docstring topics ({result['train_examples']} train / "
              f"{result['test_examples']} test, {result['steps']} steps × batch {result['batch']}, "
@@ -278,6 +319,11 @@ def render(result: dict) -> str:
     lines += ["", f"Best: {result['best']}. Merged into the base weights: same test predictions = "
                   f"{m['same_predictions']}, max |logit difference| = {m['max_logit_diff']:.2e}. "
                   f"Adapter saved (PEFT format) to {m['adapter_dir']}.", "",
+              "Served together: every adapter loaded into one encoder and the test set run in mixed batches (each "
+              "batch mixes all adapters, each sample through its own adapter and head):", "",
+              "| method | accuracy, mixed batches | accuracy, alone | max abs logit difference |", "|---|---|---|---|",
+              *[f"| {m} | {v['mixed_accuracy']:.1%} | {v['separate_accuracy']:.1%} | {v['max_logit_diff']:.1e} |"
+                for m, v in result["served"].items()], "",
               f"step ms: median of {result['timing_rounds']} steps per method after training, every method and "
               "PEFT's own LoRA and DoRA running the same step (forward, loss, backward, AdamW) on the same batches, "
               "interleaved round-robin. Peak MiB: one such step above the level before it.", ""]

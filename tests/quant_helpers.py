@@ -1,5 +1,6 @@
 """bitsandbytes weights for the QDoRA tests: quantizing, an independent float64 oracle of the dequantized weight, and
-small models whose linears are bitsandbytes layers.
+small models whose linears are bitsandbytes layers (bitsandbytes is imported only by the helpers that need it:
+the oracle also serves synthetic packed weights on machines without it).
 
 The oracle decodes the packed format in plain torch from the definition that bitsandbytes' quantize_4bit writes
 (flat blocks of the row-major weight, the first element of each byte in the high nibble, the nested absmax as
@@ -13,8 +14,6 @@ from __future__ import annotations
 
 import copy
 
-import bitsandbytes as bnb
-import bitsandbytes.functional as bnbF
 import torch
 from torch import nn
 
@@ -28,6 +27,8 @@ def fmt_id(fmt) -> str:
 
 def quantize_4bit(W: torch.Tensor, quant_type: str, nested: bool, blocksize: int = 64):
     """(packed uint8 codes, QuantState) of W, as a bitsandbytes Linear4bit stores it."""
+    import bitsandbytes.functional as bnbF
+
     return bnbF.quantize_4bit(W, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested)
 
 
@@ -64,6 +65,8 @@ def quantized_copy(model: nn.Module, bits: int, names: list[str], quant_type: st
                    compute_dtype: torch.dtype = torch.float32) -> nn.Module:
     """A copy of `model` whose linears `names` are bitsandbytes Linear4bit / Linear8bitLt with the same weights,
     flagged the way transformers flags a quantized model (PEFT dispatches its bitsandbytes layers on the flags)."""
+    import bitsandbytes as bnb
+
     model = copy.deepcopy(model)
     for name in names:
         parent_name, _, child = name.rpartition(".")

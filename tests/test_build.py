@@ -13,7 +13,18 @@ import torch
 
 import dora_ext  # noqa: F401
 
-OPS = ["weight_norm", "dora_linear", "dora_linear_backward", "merge_", "unmerge_"]
+# every op of the library, from the dispatcher (so a new op cannot be missed here)
+OPS = sorted(name.split("::")[1] for name in torch._C._dispatch_get_all_op_names() if name.startswith("dora_ext::"))
+
+
+def test_every_op_is_listed():
+    assert {"weight_norm", "weight_norm_4bit", "weight_norm_int8", "dora_linear", "dora_linear_backward",
+            "dora_rescale", "dora_rescale_backward", "dora_mixed", "merge_", "unmerge_"} <= set(OPS)
+
+
+@pytest.mark.skipif(not os.environ.get("CI"), reason="CI's environment: scripts/setup.sh installs bitsandbytes")
+def test_ci_has_bitsandbytes_so_the_qdora_tests_run():
+    import bitsandbytes  # noqa: F401  (tests/test_qdora.py skips without it, so CI must have it)
 
 
 def has_kernel(op, key):

@@ -24,7 +24,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = (tmp_path / "summary.txt").read_text()
     for stage in ("build", "cuda_tests", "sanitizer_memcheck", "sanitizer_racecheck", "bench_layer", "bench_model",
-                  "bench_trainers", "demo"):
+                  "bench_trainers", "demo", "bench_serving", "bench_qdora"):
         assert f"{stage}: skipped: no GPU" in summary, summary
     assert "ops_once_cpu: ok" in summary, summary
     assert "git:" in (tmp_path / "device.txt").read_text()

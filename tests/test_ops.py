@@ -139,3 +139,38 @@ def test_norm_clamp_is_ops_NORM_EPS(device, scale):
     g1 = 1.0 / max(scale * ops.NORM_EPS, ops.NORM_EPS)
     torch.testing.assert_close(y[:, 1], torch.full((2,), g1 * scale * ops.NORM_EPS, dtype=torch.float64,
                                                    device=device), atol=0, rtol=1e-12)
+
+
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_quantized_norms_on_synthetic_packed_weights(device, nested, wdtype):
+    """weight_norm_4bit / weight_norm_int8 on every backend, without bitsandbytes: random codes, absmax and code
+    tables (the kernels read only bytes and scales), against the float64 norm of the independently decoded weight."""
+    import types
+
+    from quant_helpers import dequant_oracle, int8_oracle
+
+    gen = torch.Generator().manual_seed(7)
+    out_f, in_f, r, bs = 40, 192, 3, 64
+    blocks = out_f * in_f // bs
+    qs = types.SimpleNamespace(shape=(out_f, in_f), dtype=wdtype, code=torch.linspace(-1, 1, 16), blocksize=bs,
+                               nested=nested, absmax=torch.rand(blocks, generator=gen) + 0.5)
+    kw = {}
+    if nested:
+        qs.absmax = torch.randint(0, 256, (blocks,), generator=gen, dtype=torch.uint8)
+        qs.state2 = types.SimpleNamespace(code=torch.linspace(-1, 1, 256), absmax=torch.rand(1, generator=gen) + 0.5,
+                                          blocksize=256)
+        qs.offset = torch.tensor(0.3)
+        kw = dict(absmax_code=qs.state2.code.to(device), absmax_scale=qs.state2.absmax.to(device),
+                  absmax_offset=qs.offset.reshape(1).to(device), absmax_blocksize=256)
+    packed = torch.randint(0, 256, (out_f * in_f // 2,), generator=gen, dtype=torch.uint8)
+    A, B = torch.randn(r, in_f, generator=gen), torch.randn(out_f, r, generator=gen)
+    got = ops.weight_norm_4bit(packed.to(device), qs.absmax.to(device), qs.code.to(device), bs, (out_f, in_f), wdtype,
+                               A.to(device), B.to(device), 0.5, **kw)
+    want = ref.weight_norm(dequant_oracle(packed, qs), A.double(), B.double(), 0.5)
+    torch.testing.assert_close(got.cpu().double(), want, rtol=2e-5, atol=2e-5)
+    CB = torch.randint(-127, 128, (out_f, in_f), generator=gen, dtype=torch.int8)
+    SCB = torch.rand(out_f, generator=gen) + 0.1
+    got8 = ops.weight_norm_int8(CB.to(device), SCB.to(device), A.to(device), B.to(device), 0.5)
+    torch.testing.assert_close(got8.cpu().double(), ref.weight_norm(int8_oracle(CB, SCB), A.double(), B.double(), 0.5),
+                               rtol=2e-5, atol=2e-5)

@@ -19,22 +19,22 @@ import tempfile
 import types
 import warnings
 
-import bitsandbytes as bnb
-import bitsandbytes.functional as bnbF
 import pytest
 import torch
 from torch import nn
 
-import dora_ext
-from dora_ext import ops, quantized
-from dora_ext.layers import QuantizedLinear, layer_class_for
-from helpers import TOLERANCES, assert_close_normwise
-from memory import peak_memory
+bnb = pytest.importorskip("bitsandbytes")  # optional (CI installs it: tests/test_build.py checks that it does)
+import bitsandbytes.functional as bnbF  # noqa: E402
+
+import dora_ext  # noqa: E402
+from dora_ext import ops, quantized  # noqa: E402
+from dora_ext.layers import QuantizedLinear, layer_class_for  # noqa: E402
+from helpers import TOLERANCES, assert_close_normwise  # noqa: E402
+from memory import peak_memory  # noqa: E402
 from quant_helpers import (FORMATS_4BIT, TwoLinears, dequant_oracle, fmt_id, int8_oracle, norm_args,
                            quantize_4bit, quantized_copy)
 
 peft = pytest.importorskip("peft")
-
 F32 = TOLERANCES[torch.float32]
 
 
@@ -444,3 +444,24 @@ def test_from_peft_refuses_unsupported_quantized_bases_and_leaves_the_model():
     with pytest.raises(TypeError, match="awq.modules.linear.AWQLinear is a quantized layer"):
         dora_ext.from_peft(model)
     assert not dora_ext.peft_variants.is_fused(model.base_model.model.q, "default")
+
+
+# ------------------------------------------------------------------------------------------------- serving
+def test_mixed_adapter_batch_on_a_quantized_base():
+    """dora_ext.mixed_adapters over QDoRA layers: bitsandbytes' base product once, each row its adapter's."""
+    ours = dora_ext.inject(_quantized(CASES[1]), dora_ext.DoRAConfig(r=4, alpha=8, target_modules=["q", "k"]), "a")
+    dora_ext.add_adapter(ours, dora_ext.DoRAConfig(r=2, alpha=4, target_modules=["q"], variant="lora"), "b")
+    _perturb(ours)
+    ours.eval()
+    x = torch.randn(5, 64, requires_grad=True)  # not an inference forward: see test_cpu_layout
+    names = ["a", "b", "__base__", "b", "a"]
+    with dora_ext.mixed_adapters(ours, names):
+        mixed = ours(x).detach()
+    for i, name in enumerate(names):
+        if name == "__base__":
+            with dora_ext.disable_adapters(ours):
+                alone = ours(x[i:i + 1])
+        else:
+            dora_ext.set_adapter(ours, name)
+            alone = ours(x[i:i + 1])
+        assert_close_normwise(mixed[i:i + 1], alone, _tol(CASES[1], False), f"row {i} ({name})")

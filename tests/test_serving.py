@@ -51,7 +51,7 @@ def make_adapters(out_f, in_f, ranks, gen, lora_positions=()):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("has_bias", [False, True])
 @pytest.mark.parametrize("T,out_f,in_f", [(1, 1, 1), (37, 257, 19), (300, 64, 128)])
-def test_dora_mixed_matches_per_token_reference(dtype, has_bias, T, out_f, in_f):
+def test_dora_mixed_matches_per_token_reference(device, dtype, has_bias, T, out_f, in_f):
     gen = torch.Generator().manual_seed(T + out_f)
     adapters = make_adapters(out_f, in_f, [1, 3, 8], gen, lora_positions=(1,))
     if dtype == torch.float64:  # float64 adapters: the whole path in float64 (x is cast to the adapters' dtype)
@@ -60,7 +60,9 @@ def test_dora_mixed_matches_per_token_reference(dtype, has_bias, T, out_f, in_f)
     result = torch.randn(T, out_f, generator=gen).to(dtype)
     bias = torch.randn(out_f, generator=gen).to(dtype) if has_bias else None
     index = torch.randint(0, 4, (T,), generator=gen)
-    got = ops.dora_mixed(result, x, adapters, index, bias=bias)
+    on = [tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in a) for a in adapters]
+    got = ops.dora_mixed(result.to(device), x.to(device), on, index.to(device),
+                         bias=None if bias is None else bias.to(device)).cpu()
     assert got.dtype == dtype and got.shape == result.shape
     want = reference_mixed(result, x, adapters, index, bias)
     tol = TOLERANCES[dtype]
