@@ -134,10 +134,12 @@ struct Kernels {
                              const at::Tensor& gm1, const at::Tensor& bias, double s);
     // The fused backward pass over δ (BackwardReduce); [T, N] with T, N > 0.
     void (*backward_reduce)(BackwardReduce& args);
-    // Per token t with adapter k = index[t] (K = g.size(0): none): out = result + gm1[k] ⊙ (result − bias) +
-    // g[k] ⊙ lora[t], or result itself for k = K; lora, g, gm1 in the accumulation dtype; [T, N] with T, N > 0.
+    // For the token t = order[p] at sorted position p, with adapter k = index[t] (K = g.size(0): none):
+    // out[t] = result[t] + gm1[k] ⊙ (result[t] − bias) + g[k] ⊙ lora[p], or result[t] itself for k = K (those
+    // sort last and have no lora row); lora, g, gm1 in the accumulation dtype; [T, N] with T, N > 0.
     void (*mixed_epilogue)(at::Tensor& out, const at::Tensor& result, const at::Tensor& lora, const at::Tensor& g,
-                           const at::Tensor& gm1, const at::Tensor& index, const at::Tensor& bias);
+                           const at::Tensor& gm1, const at::Tensor& index, const at::Tensor& order,
+                           const at::Tensor& bias);
 };
 
 namespace cpu {

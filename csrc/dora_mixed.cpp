@@ -2,8 +2,8 @@
 //
 // The base product is the caller's, computed once for every token (`result`, bias included). Each adapter's
 // low-rank part runs only on its own tokens: the tokens are grouped by adapter with one stable sort, and per adapter
-// one gathered [T_k, in] × [in, r_k] × [r_k, out] pair of GEMMs writes s_k·(x A_kᵀ) B_kᵀ into its rows of one
-// [T, out] buffer (never a per-adapter copy of W). One fused epilogue then applies each token's adapter:
+// one gathered [T_k, in] × [in, r_k] × [r_k, out] pair of GEMMs writes s_k·(x A_kᵀ) B_kᵀ into its slice of one
+// sorted buffer (never a per-adapter copy of W). One fused epilogue then applies each token's adapter:
 //
 //   out = result + (g_k − 1) ⊙ (result − bias) + g_k ⊙ s_k·(x A_kᵀ) B_kᵀ      (PEFT's eval form of its DoRA variant)
 //
@@ -83,21 +83,31 @@ at::Tensor dora_mixed(const at::Tensor& result, const std::optional<at::Tensor>&
     const auto* count = counts.const_data_ptr<int64_t>();
     DORA_CHECK(op, count[K + 1] == 0, "expected adapter indices in [0, ", K, "] (", K, ": no adapter), got ",
                count[K + 1], " outside");
-    auto lora = at::zeros({T, out_f}, result.options().dtype(acc));
+    // s_k·(x A_kᵀ) B_kᵀ of every adapted token, in sorted order: adapter k's GEMM writes straight into its slice
+    // (no [T, out] zero fill, no scatter); the base tokens (index K) sort last and have no rows here.
+    const int64_t adapted = T - count[K];
+    auto lora = at::empty({adapted, out_f}, result.options().dtype(acc));
     int64_t start = 0;
     for (int64_t k = 0; k < K; ++k) {
         const int64_t n = count[k];
         if (n > 0) {
-            const auto rows = order.narrow(0, start, n);
             const auto& A = lora_A[k];
-            const auto xs = x2.index_select(0, rows).to(A.scalar_type());
-            const auto lk = at::mm(at::mm(xs, A.t()), lora_B[k].to(A.scalar_type()).t()).mul_(scaling[k]);
-            lora.index_copy_(0, rows, lk.to(acc));
+            const auto xs = x2.index_select(0, order.narrow(0, start, n)).to(A.scalar_type());
+            auto dst = lora.narrow(0, start, n);
+            const auto u = at::mm(xs, A.t());
+            const auto Bt = lora_B[k].to(A.scalar_type()).t();
+            if (A.scalar_type() == acc) {
+                at::mm_out(dst, u, Bt);
+            } else {
+                dst.copy_(at::mm(u, Bt));
+            }
+            dst.mul_(scaling[k]);
         }
         start += n;
     }
     auto out2 = out.view({T, out_f});
-    kernels_for(result).mixed_epilogue(out2, r2, lora, gn.g, gn.gm1, idx, bias ? bias->contiguous() : at::Tensor());
+    kernels_for(result).mixed_epilogue(out2, r2, lora, gn.g, gn.gm1, idx, order,
+                                       bias ? bias->contiguous() : at::Tensor());
     return out;
 }
 

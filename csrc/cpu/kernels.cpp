@@ -230,30 +230,32 @@ void backward_reduce(BackwardReduce& r) {
 }
 
 void mixed_epilogue(at::Tensor& out, const at::Tensor& result, const at::Tensor& lora, const at::Tensor& g,
-                    const at::Tensor& gm1, const at::Tensor& index, const at::Tensor& bias) {
+                    const at::Tensor& gm1, const at::Tensor& index, const at::Tensor& order, const at::Tensor& bias) {
     const int64_t T = result.size(0), N = result.size(1), K = g.size(0);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, result.scalar_type(), "dora_ext::mixed_epilogue", [&] {
         using opmath_t = at::opmath_type<scalar_t>;
         const auto* r = result.const_data_ptr<scalar_t>();
-        const auto* l = lora.const_data_ptr<opmath_t>();
+        const opmath_t* l = lora.numel() ? lora.const_data_ptr<opmath_t>() : nullptr;
         const auto* gp = g.const_data_ptr<opmath_t>();
         const auto* gm1p = gm1.const_data_ptr<opmath_t>();
         const auto* idx = index.const_data_ptr<int64_t>();
+        const auto* ord = order.const_data_ptr<int64_t>();
         const scalar_t* bp = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
         auto* o = out.mutable_data_ptr<scalar_t>();
-        at::parallel_for(0, T, std::max<int64_t>(1, 32768 / std::max<int64_t>(N, 1)), [&](int64_t t0, int64_t t1) {
-            for (int64_t t = t0; t < t1; ++t) {
-                const int64_t k = idx[t], row = t * N;
+        at::parallel_for(0, T, std::max<int64_t>(1, 32768 / std::max<int64_t>(N, 1)), [&](int64_t p0, int64_t p1) {
+            for (int64_t p = p0; p < p1; ++p) {
+                const int64_t t = ord[p], k = idx[t], row = t * N;
                 if (k == K) {
                     std::copy(r + row, r + row + N, o + row);
                     continue;
                 }
                 const opmath_t* gk = gp + k * N;
                 const opmath_t* gm1k = gm1p + k * N;
+                const opmath_t* lp = l + p * N;
                 for (int64_t j = 0; j < N; ++j) {
                     const opmath_t rv = static_cast<opmath_t>(r[row + j]);
                     const opmath_t base = bp ? rv - static_cast<opmath_t>(bp[j]) : rv;
-                    o[row + j] = static_cast<scalar_t>(rv + gm1k[j] * base + gk[j] * l[row + j]);
+                    o[row + j] = static_cast<scalar_t>(rv + gm1k[j] * base + gk[j] * lp[j]);
                 }
             }
         });

@@ -237,23 +237,24 @@ __global__ void chunk_sum_kernel(const acc_t* __restrict__ part, acc_t* __restri
     dst[j] = total;
 }
 
-// One thread per column, rows grid-strided; a row's adapter index is uniform across the block.
+// One thread per column, sorted positions grid-strided; a row's token and adapter index are uniform across the block.
 template <typename scalar_t, typename acc_t>
 __global__ void mixed_epilogue_kernel(scalar_t* __restrict__ out, const scalar_t* __restrict__ result,
                                       const acc_t* __restrict__ lora, const acc_t* __restrict__ g,
                                       const acc_t* __restrict__ gm1, const int64_t* __restrict__ index,
-                                      const scalar_t* __restrict__ bias, int64_t T, int64_t N, int64_t K) {
+                                      const int64_t* __restrict__ order, const scalar_t* __restrict__ bias, int64_t T,
+                                      int64_t N, int64_t K) {
     const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (j >= N) return;
     const acc_t bj = bias ? static_cast<acc_t>(bias[j]) : acc_t(0);
-    for (int64_t t = blockIdx.y; t < T; t += gridDim.y) {
-        const int64_t k = index[t], idx = t * N + j;
+    for (int64_t p = blockIdx.y; p < T; p += gridDim.y) {
+        const int64_t t = order[p], k = index[t], idx = t * N + j;
         if (k == K) {
             out[idx] = result[idx];
             continue;
         }
         const acc_t rv = static_cast<acc_t>(result[idx]);
-        out[idx] = static_cast<scalar_t>(rv + gm1[k * N + j] * (rv - bj) + g[k * N + j] * lora[idx]);
+        out[idx] = static_cast<scalar_t>(rv + gm1[k * N + j] * (rv - bj) + g[k * N + j] * lora[p * N + j]);
     }
 }
 
@@ -378,7 +379,7 @@ void backward_reduce(BackwardReduce& r) {
 }
 
 void mixed_epilogue(at::Tensor& out, const at::Tensor& result, const at::Tensor& lora, const at::Tensor& g,
-                    const at::Tensor& gm1, const at::Tensor& index, const at::Tensor& bias) {
+                    const at::Tensor& gm1, const at::Tensor& index, const at::Tensor& order, const at::Tensor& bias) {
     const int64_t T = result.size(0), N = result.size(1), K = g.size(0);
     DORA_DEVICE_GUARD(out);
     auto stream = DORA_STREAM;
@@ -386,8 +387,9 @@ void mixed_epilogue(at::Tensor& out, const at::Tensor& result, const at::Tensor&
         using acc_t = at::opmath_type<scalar_t>;
         auto* kernel = &mixed_epilogue_kernel<scalar_t, acc_t>;
         DORA_LAUNCH(kernel, column_grid(T, N, 4), kThreads, stream,
-            out.data_ptr<scalar_t>(), result.const_data_ptr<scalar_t>(), lora.const_data_ptr<acc_t>(),
-            g.const_data_ptr<acc_t>(), gm1.const_data_ptr<acc_t>(), index.const_data_ptr<int64_t>(),
+            out.data_ptr<scalar_t>(), result.const_data_ptr<scalar_t>(),
+            lora.numel() ? lora.const_data_ptr<acc_t>() : nullptr, g.const_data_ptr<acc_t>(),
+            gm1.const_data_ptr<acc_t>(), index.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(),
             ptr_or_null<scalar_t>(bias), T, N, K);
         DORA_LAUNCH_CHECK();
     });
