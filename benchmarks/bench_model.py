@@ -37,13 +37,14 @@ from memory import peak_memory  # noqa: E402
 #: dora_ext_low: dora_ext's layers with ops.set_activation_memory("low") (nothing [T, out] kept; recompute where the
 #: output is gone by backward time)
 PROVIDERS = ("peft_lora", "peft_dora", "dora_ext", "dora_ext_low", "peft_dora_fused")
+MODES = {"dora_ext_low": "low"}  # activation memory per provider (default "output")
 
 
 def build(provider: str, base, r: int):
     import peft
 
-    model = base() if callable(base) else copy.deepcopy(base)
-    if provider in ("dora_ext", "dora_ext_low"):
+    model = copy.deepcopy(base) if isinstance(base, torch.nn.Module) else base()  # a model, or a loader
+    if provider.startswith("dora_ext"):
         return dora_ext.inject(model, dora_ext.DoRAConfig(r=r, alpha=2 * r, target_modules="all-linear"))
     cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", use_dora=provider != "peft_lora")
     model = peft.get_peft_model(model, cfg)
@@ -103,7 +104,7 @@ def run(args):
     steps = {}
     for provider, model in models.items():
         model.train()
-        steps[provider] = train_step(model, batch, "low" if provider == "dora_ext_low" else "output")
+        steps[provider] = train_step(model, batch, MODES.get(provider, "output"))
         steps[provider]()  # allocate optimizer state outside the measurement
     timed = interleaved_ms(steps, device, args.warmup, args.reps)
     for provider, step in steps.items():
@@ -114,7 +115,7 @@ def run(args):
     del steps
     evals = {}
     for provider, model in models.items():
-        if provider == "dora_ext_low":  # the same eval forward as dora_ext (the mode only affects training)
+        if provider in MODES:  # the same eval forward as dora_ext (the mode only affects training)
             continue
         model.eval()
         evals[provider] = _eval_fn(model, ids, contextlib.nullcontext)

@@ -52,22 +52,23 @@ def build(provider: str, base: nn.Module, r: int) -> nn.Module:
     return peft.get_peft_model(holder, cfg).base_model.model.lin
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="compute dtype (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--tokens", type=int, nargs="+", default=None, help="default: 256 on CPU, 4096 on CUDA")
     p.add_argument("--ranks", type=int, nargs="+", default=RANKS)
+    p.add_argument("--tiny", action="store_true", help="one 128x64 layer (a smoke test of the script)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--out", default=None, help="results path stem (default: benchmarks/results/qdora-<device>)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     tokens = args.tokens or ([4096] if device.type == "cuda" else [256])
     warnings.filterwarnings("ignore", message=".*kernels-community.*")
     rows = []
-    for name, in_f, out_f in LLAMA7B:
+    for name, in_f, out_f in ([("tiny 128->64", 128, 64)] if args.tiny else LLAMA7B):
         for T in tokens:
             for r in args.ranks:
                 torch.manual_seed(0)
@@ -115,7 +116,7 @@ def main() -> None:
     cols = ["shape", "tokens", "r", "provider", "ms", "vs_qlora", "peak_mib", "mem_vs_qlora_mib", "activation_mib"]
     with open(stem + ".md", "w") as f:
         f.write(f"# QDoRA single layer (nf4, {meta['compute_dtype']} compute), forward + backward\n\n")
-        f.write("`python benchmarks/bench_qdora.py" + "".join(f" {a}" for a in sys.argv[1:]) + "`\n\n")
+        f.write("`python benchmarks/bench_qdora.py" + "".join(f" {a}" for a in (argv or [])) + "`\n\n")
         f.write(", ".join(f"{k}: {v}" for k, v in meta.items()) + "\n\n")
         f.write("vs_qlora: time relative to PEFT QLoRA in the same run; mem_vs_qlora_mib: peak memory above PEFT "
                 "QLoRA's; activation_mib: one [T, out] float32 activation (the target allows one).\n\n")
@@ -124,4 +125,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -22,3 +22,22 @@ def test_tiny_benchmark_writes_results(tmp_path):
     assert {r["mode"] for r in rows if r["provider"] == "peft_dora_cached"} == {"fwd"}  # PEFT caches in eval only
     assert all(float(r["p50_ms"]) > 0 and r["torch"] and r["git_sha"] for r in rows)
     assert {float(r["vs_peft_lora"]) for r in rows if r["provider"] == "peft_lora"} == {1.0}
+
+
+def test_tiny_qdora_and_serving_benchmarks_write_results(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    import bench_qdora
+    import bench_serving
+
+    bench_qdora.main(["--device", "cpu", "--tiny", "--ranks", "2", "--tokens", "8", "--warmup", "0", "--reps", "2",
+                      "--out", str(tmp_path / "qdora")])
+    with open(tmp_path / "qdora.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["provider"] for r in rows} == {"peft_qlora", "peft_qdora", "dora_ext"}
+    assert all(float(r["ms"]) > 0 and r["bitsandbytes"] for r in rows)
+    bench_serving.main(["--device", "cpu", "--k", "2", "--layer-dim", "64", "--layer-tokens", "16", "--layer-r", "2",
+                        "--hidden", "32", "--intermediate", "64", "--layers", "1", "--heads", "2", "--seq", "8",
+                        "--vocab", "64", "--r", "2", "--warmup", "0", "--reps", "1", "--out", str(tmp_path)])
+    with open(next(tmp_path.glob("serving-*.csv"))) as f:
+        rows = list(csv.DictReader(f))
+    assert {r["mode"] for r in rows} == {"layer", "model"} and len(rows) == 6
