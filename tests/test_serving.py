@@ -198,8 +198,8 @@ def test_mixed_adapters_refusals():
 
 
 # ----------------------------------------------------------------------------------------- PEFT's own keyword
-def peft_served(convert: bool):
-    model = tiny_llama()
+def peft_served(convert: bool, dtype=torch.float32):
+    model = tiny_llama().to(dtype)
     configs = {name: peft.LoraConfig(r=cfg["r"], lora_alpha=cfg["alpha"], target_modules=cfg["target_modules"],
                                      use_dora=name != "lora")
                for name, cfg in ADAPTERS.items() if name in ("chat", "sql", "lora")}
@@ -217,10 +217,11 @@ def peft_served(convert: bool):
     return pm.eval()
 
 
-def test_peft_adapter_names_with_dora_after_from_peft():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_peft_adapter_names_with_dora_after_from_peft(dtype):
     names = ["sql", "chat", "__base__", "third", "lora", "sql"]
     ids = llama_batch(batch=len(names), seq=10)["input_ids"]
-    ours, theirs = peft_served(True), peft_served(False)
+    ours, theirs = peft_served(True, dtype), peft_served(False, dtype)
     with torch.no_grad():
         mixed = ours(input_ids=ids, adapter_names=names).logits
         for i, name in enumerate(names):
@@ -230,7 +231,7 @@ def test_peft_adapter_names_with_dora_after_from_peft():
             else:
                 theirs.set_adapter(name)
                 alone = theirs(input_ids=ids[i:i + 1]).logits
-            assert_close_normwise(mixed[i:i + 1], alone, TOLERANCES[torch.float32]["rtol"], f"{i} ({name})")
+            assert_close_normwise(mixed[i:i + 1], alone, TOLERANCES[dtype]["rtol"], f"{i} ({name})")
         kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
         generated = ours.generate(input_ids=ids, adapter_names=names, **kw)
         for i, name in enumerate(names):
