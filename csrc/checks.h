@@ -31,13 +31,12 @@ inline void check_scaling(const char* op, double scaling) {
     DORA_CHECK(op, std::isfinite(scaling), "expected a finite scaling, got ", scaling);
 }
 
-// weight [out, in], lora_A [r, in], lora_B [out, r]: the low-rank update s·B·A has the weight's shape.
-inline void check_lowrank(const char* op, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B) {
-    check_floating(op, "weight", weight);
+// lora_A [r, in] and lora_B [out, r] of one dtype, on the device of `ref` (the weight, or a quantized weight's
+// storage, named ref_name): the low-rank update s·B·A of an [out, in] weight.
+inline void check_factors(const char* op, const at::Tensor& ref, int64_t out, int64_t in, const at::Tensor& lora_A,
+                          const at::Tensor& lora_B, const char* ref_name = "weight") {
     check_floating(op, "lora_A", lora_A);
     check_floating(op, "lora_B", lora_B);
-    DORA_CHECK(op, weight.dim() == 2, "expected weight of shape [out_features, in_features], got ", shape_str(weight));
-    const int64_t out = weight.size(0), in = weight.size(1);
     DORA_CHECK(op, lora_A.dim() == 2 && lora_A.size(1) == in && lora_A.size(0) >= 1,
                "expected lora_A of shape [r, ", in, "] with r >= 1, got ", shape_str(lora_A));
     const int64_t r = lora_A.size(0);
@@ -45,8 +44,15 @@ inline void check_lowrank(const char* op, const at::Tensor& weight, const at::Te
                "expected lora_B of shape [", out, ", ", r, "], got ", shape_str(lora_B));
     DORA_CHECK(op, lora_A.scalar_type() == lora_B.scalar_type(), "expected lora_A and lora_B of one dtype, got ",
                lora_A.scalar_type(), " and ", lora_B.scalar_type());
-    check_same_device(op, "lora_A", lora_A, weight);
-    check_same_device(op, "lora_B", lora_B, weight);
+    check_same_device(op, "lora_A", lora_A, ref, ref_name);
+    check_same_device(op, "lora_B", lora_B, ref, ref_name);
+}
+
+// weight [out, in], lora_A [r, in], lora_B [out, r]: the low-rank update s·B·A has the weight's shape.
+inline void check_lowrank(const char* op, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B) {
+    check_floating(op, "weight", weight);
+    DORA_CHECK(op, weight.dim() == 2, "expected weight of shape [out_features, in_features], got ", shape_str(weight));
+    check_factors(op, weight, weight.size(0), weight.size(1), lora_A, lora_B);
 }
 
 // A per-output-feature vector (magnitude, weight_norm, bias): shape [out], on the weight's device.

@@ -28,21 +28,6 @@ void check_numel(const char* op, const char* name, const at::Tensor& t, int64_t 
     DORA_CHECK(op, t.numel() == numel, "expected ", name, " with ", numel, " elements (", why, "), got ",
                shape_str(t));
 }
-
-// lora_A [r, in] and lora_B [out, r] next to a quantized weight of shape [out, in] stored as `storage`.
-void check_factors(const char* op, const at::Tensor& storage, int64_t out, int64_t in, const at::Tensor& lora_A,
-                   const at::Tensor& lora_B) {
-    check_floating(op, "lora_A", lora_A);
-    check_floating(op, "lora_B", lora_B);
-    DORA_CHECK(op, lora_A.dim() == 2 && lora_A.size(1) == in && lora_A.size(0) >= 1, "expected lora_A of shape [r, ",
-               in, "] with r >= 1, got ", shape_str(lora_A));
-    DORA_CHECK(op, lora_B.dim() == 2 && lora_B.size(0) == out && lora_B.size(1) == lora_A.size(0),
-               "expected lora_B of shape [", out, ", ", lora_A.size(0), "], got ", shape_str(lora_B));
-    DORA_CHECK(op, lora_A.scalar_type() == lora_B.scalar_type(), "expected lora_A and lora_B of one dtype, got ",
-               lora_A.scalar_type(), " and ", lora_B.scalar_type());
-    check_same_device(op, "lora_A", lora_A, storage, "the quantized weight");
-    check_same_device(op, "lora_B", lora_B, storage, "the quantized weight");
-}
 }  // namespace
 
 at::Tensor weight_norm_4bit(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
@@ -94,7 +79,7 @@ at::Tensor weight_norm_4bit(const at::Tensor& packed, const at::Tensor& absmax, 
         W.absmax_scale = absmax_scale->contiguous();
         W.absmax_offset = absmax_offset->contiguous();
     }
-    check_factors(op, packed, out_features, in_features, lora_A, lora_B);
+    check_factors(op, packed, out_features, in_features, lora_A, lora_B, "the quantized weight");
     check_scaling(op, scaling);
     const at::OptionalDeviceGuard guard(at::device_of(packed));
     const auto acc = accum_dtype({lora_A.scalar_type()});
@@ -110,7 +95,7 @@ at::Tensor weight_norm_int8(const at::Tensor& weight, const at::Tensor& row_scal
     DORA_CHECK(op, row_scale.dim() == 1 && row_scale.size(0) == weight.size(0), "expected row_scale of shape [",
                weight.size(0), "] (bitsandbytes' SCB), got ", shape_str(row_scale));
     check_same_device(op, "row_scale", row_scale, weight);
-    check_factors(op, weight, weight.size(0), weight.size(1), lora_A, lora_B);
+    check_factors(op, weight, weight.size(0), weight.size(1), lora_A, lora_B, "the quantized weight");
     check_scaling(op, scaling);
     const at::OptionalDeviceGuard guard(at::device_of(weight));
     const auto acc = accum_dtype({lora_A.scalar_type()});

@@ -298,9 +298,14 @@ def serve_mixed(models: dict[str, Classifier], encoder: nn.Module, test_data, ou
     report = {}
     for method in methods:
         mixed, separate = torch.cat(logits[method]), predict(models[method][0], test_data)
+        flipped = mixed.argmax(-1) != separate.argmax(-1)
+        top2 = separate.topk(2, dim=-1).values
         report[method] = {"mixed_accuracy": round(accuracy(mixed, test_data), 4),
                           "separate_accuracy": round(accuracy(separate, test_data), 4),
-                          "max_logit_diff": float((mixed - separate).abs().max())}
+                          "max_logit_diff": float((mixed - separate).abs().max()),
+                          # a prediction may differ only where its two best logits (alone) nearly tie
+                          "flipped_predictions": int(flipped.sum()),
+                          "flip_margin": float((top2[:, 0] - top2[:, 1])[flipped].max()) if flipped.any() else 0.0}
     return report
 
 

@@ -73,10 +73,17 @@ def _cached_norm(module: nn.Module, adapter: str, key: tuple, scaling: float, co
     return cache.norm(adapter, key, scaling, module.training, compute)
 
 
-def _quantized_norm(module: nn.Module, adapter: str, base_layer: nn.Module, A: Tensor, B: Tensor, scaling: float):
-    """The norm of a bitsandbytes base layer, read from its packed weight (dora_ext.quantized), cached in eval."""
-    return _cached_norm(module, adapter, (*quantized.storage(base_layer), A, B), scaling,
-                        lambda: quantized.weight_norm(base_layer, A, B, scaling))
+def _linear_norm(module: nn.Module, adapter: str) -> Tensor:
+    """The norm of adapter `adapter` of a linear-kind PEFT layer (nn.Linear, Conv1D, or a bitsandbytes base, read
+    from its packed weight: dora_ext.quantized), cached in eval."""
+    from peft.utils.other import transpose
+
+    base_layer = module.get_base_layer()
+    A, B, scaling = module.lora_A[adapter].weight, module.lora_B[adapter].weight, module.scaling[adapter]
+    if quantized.kind(base_layer):
+        return _cached_norm(module, adapter, (*quantized.storage(base_layer), A, B), scaling,
+                            lambda: quantized.weight_norm(base_layer, A, B, scaling))
+    return _weight_norm(module, adapter, transpose(base_layer.weight, module.fan_in_fan_out), A, B, scaling)
 
 
 @torch.no_grad()
@@ -132,7 +139,7 @@ def _variant_classes():
             if quantized.kind(base_layer):
                 return _quantized_forward(module, a, base_layer, x, result, dtype)
             weight = transpose(base_layer.weight, module.fan_in_fan_out)  # [out, in] (a view)
-            norm = _weight_norm(module, a, weight, lora_A.weight, lora_B.weight, scaling)
+            norm = _linear_norm(module, a)
             if _dropout_active(module, a):
                 x = module.lora_dropout[a](x)
                 base = F.linear(x, weight.to(x.dtype)).to(dtype)  # W·x_d, no bias: PEFT recomputes it too
@@ -150,7 +157,7 @@ def _variant_classes():
         gradient keeps acc (the output cannot be recovered without a dense W)."""
         lora_A, lora_B = module.lora_A[a], module.lora_B[a]
         scaling, bias = module.scaling[a], base_layer.bias
-        norm = _quantized_norm(module, a, base_layer, lora_A.weight, lora_B.weight, scaling)
+        norm = _linear_norm(module, a)
         magnitude = module.lora_magnitude_vector[a].weight
         if _dropout_active(module, a):
             x = module.lora_dropout[a](x)
@@ -295,32 +302,20 @@ class _FusedResolve:
     def _mixed_batch_forward(self, x, *args, adapter_names, **kwargs):
         if not _serves_mixed(self, adapter_names):
             return super()._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
-        from peft.utils.other import transpose
-
-        from .serving import token_index
+        from .serving import mixed_output
 
         for key in ("alora_offsets",):  # PEFT's VARIANT_KWARG_KEYS: not for the base layer
             kwargs.pop(key, None)
-        result = self.base_layer(x, *args, **kwargs)
         base_layer = self.get_base_layer()
-        held = [n for n in dict.fromkeys(adapter_names) if n in self.lora_A]
-        if not held:
-            return result
-        adapters = []
-        for name in held:
+
+        def adapter_of(name):
             A, B, scaling = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
             if name not in self.lora_variant:  # plain LoRA: gain 1
-                adapters.append((A, B, scaling, None, None))
-                continue
-            if quantized.kind(base_layer):
-                norm = _quantized_norm(self, name, base_layer, A, B, scaling)
-            else:
-                norm = _weight_norm(self, name, transpose(base_layer.weight, self.fan_in_fan_out), A, B, scaling)
-            adapters.append((A, B, scaling, self.lora_magnitude_vector[name].weight, norm))
-        bias = getattr(base_layer, "bias", None)
-        with torch.no_grad():
-            return ops.dora_mixed(result, x, adapters, token_index(adapter_names, held, x),
-                                  bias=None if bias is None else bias.to(result.dtype))
+                return A, B, scaling, None, None
+            return A, B, scaling, self.lora_magnitude_vector[name].weight, _linear_norm(self, name)
+
+        return mixed_output(x, self.base_layer(x, *args, **kwargs), getattr(base_layer, "bias", None),
+                            adapter_names, self.lora_A, adapter_of)
 
 
 _FUSED_LAYER_CLASSES: dict[type, type] = {}

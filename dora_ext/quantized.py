@@ -27,9 +27,10 @@ __all__ = ["SUPPORTED", "kind", "weight_norm", "dequantize", "requantize_", "deq
 SUPPORTED = ("bitsandbytes Linear4bit (nf4 or fp4, with or without double quantization) and Linear8bitLt "
              "(has_fp16_weights=False)")
 
-#: module paths of quantization libraries whose layers dora_ext does not read (refused, not dequantized)
-_QUANT_LIBRARIES = ("bitsandbytes", "hqq", "auto_gptq", "gptqmodel", "awq", "optimum.quanto", "quanto", "eetq",
-                    "aqlm", "torchao", "fbgemm_gpu", "compressed_tensors", "transformer_engine", "vptq")
+#: top-level packages of quantization libraries whose layers dora_ext does not read (refused, not dequantized;
+#: bitsandbytes' supported layers are recognised before this applies); optimum.quanto's too.
+_QUANT_PACKAGES = frozenset({"bitsandbytes", "hqq", "auto_gptq", "gptqmodel", "awq", "quanto", "eetq", "aqlm",
+                             "torchao", "fbgemm_gpu", "compressed_tensors", "transformer_engine", "vptq"})
 
 
 def _is_bnb(module: nn.Module) -> bool:
@@ -64,15 +65,19 @@ def is_quantized(module: nn.Module) -> bool:
     """Whether `module` looks quantized: a layer of a quantization library, a weight that is not floating point,
     or a weight that is a tensor subclass (torchao's AffineQuantizedTensor and the like)."""
     path = type(module).__module__
-    if any(path == lib or path.startswith(lib + ".") for lib in _QUANT_LIBRARIES):
+    if path.split(".")[0] in _QUANT_PACKAGES or path.startswith("optimum.quanto"):
         return True
     weight = getattr(module, "weight", None)
     if not isinstance(weight, Tensor):
         return False
+    if not weight.is_floating_point():
+        return True
     data = weight.data if isinstance(weight, nn.Parameter) else weight
+    if type(data) is Tensor:  # the common case, decided without importing anything
+        return False
     from torch.distributed.tensor import DTensor  # FSDP2 shards: a subclass, not a quantization
 
-    return not weight.is_floating_point() or not (type(data) in (Tensor, nn.Parameter) or isinstance(data, DTensor))
+    return not isinstance(data, DTensor)
 
 
 def storage(module: nn.Module) -> list[Tensor]:

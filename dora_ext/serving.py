@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from . import ops
 
-__all__ = ["BASE", "mixed_adapters", "token_index", "check_names"]
+__all__ = ["BASE", "mixed_adapters", "mixed_output", "token_index", "check_names"]
 
 #: the name of "no adapter" in a mixed batch (PEFT's)
 BASE = "__base__"
@@ -79,17 +79,25 @@ def mixed_adapters(model: nn.Module, adapter_names: Sequence[str]):
             layer.mixed_names = None
 
 
-def linear_mixed(x: Tensor, result: Tensor, bias: Tensor | None, names: Sequence[str], layer) -> Tensor:
-    """The mixed forward of a linear-kind layer (dora_ext's Linear, QuantizedLinear): `result` is its base output."""
-    held = [n for n in dict.fromkeys(names) if n in layer.r]
+def mixed_output(x: Tensor, result: Tensor, bias: Tensor | None, names: Sequence[str], known,
+                 adapter_of) -> Tensor:
+    """A linear layer's mixed-batch output from its base output `result` (x's base product, bias included):
+    `known` holds the layer's adapter names (a layer an adapter does not target passes its samples through), and
+    adapter_of(name) gives (lora_A, lora_B, scaling, magnitude or None for plain LoRA, norm or None)."""
+    held = [n for n in dict.fromkeys(names) if n in known]
     if not held:
         return result
-    adapters = []
-    for name in held:
+    with torch.no_grad():
+        return ops.dora_mixed(result, x, [adapter_of(n) for n in held], token_index(names, held, x),
+                              bias=None if bias is None else bias.to(result.dtype))
+
+
+def linear_mixed(x: Tensor, result: Tensor, bias: Tensor | None, names: Sequence[str], layer) -> Tensor:
+    """The mixed forward of a linear-kind layer (dora_ext's Linear, QuantizedLinear): `result` is its base output."""
+    def adapter_of(name):
         A, B = layer.factors(name)
         m = layer.lora_magnitude_vector[name].weight if layer.has_magnitude(name) else None
         norm = layer._current_norm(name, (A, B)) if m is not None else None  # the eval cache
-        adapters.append((A, B, layer.scaling[name], m, norm))
-    with torch.no_grad():
-        return ops.dora_mixed(result, x, adapters, token_index(names, held, x),
-                              bias=None if bias is None else bias.to(result.dtype))
+        return A, B, layer.scaling[name], m, norm
+
+    return mixed_output(x, result, bias, names, layer.r, adapter_of)

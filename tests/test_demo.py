@@ -30,12 +30,13 @@ def test_tiny_demo_runs_end_to_end(tmp_path):
     assert all(r["step_ms"] > 0 and r["peak_step_mib"] > 0 for r in result["rows"])
     assert all(0.0 <= r["acc_after"] <= 1.0 for r in result["rows"] if not r["method"].startswith("PEFT"))
     assert result["merge_check"]["same_predictions"]
-    # every trained adapter served from one encoder in mixed batches: each one's accuracy as when run alone
+    # every trained adapter served from one encoder in mixed batches: each one's predictions as when run alone
     served = result["served"]
     assert list(served) == names[:5]
     for method, v in served.items():
-        assert v["mixed_accuracy"] == v["separate_accuracy"], method
         assert v["max_logit_diff"] < 1e-4, method  # fp32 rounding of logits of order 1 (tests/test_serving.py)
+        # so a prediction (and the accuracy) can differ only at a near-tie of the two best logits
+        assert v["flip_margin"] <= 2 * v["max_logit_diff"], (method, v)
     assert (tmp_path / "loss_curves.png").stat().st_size > 10_000
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["best"] in names and "| DoRA + LoRA+ |" in (tmp_path / "results.md").read_text()

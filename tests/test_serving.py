@@ -5,7 +5,8 @@ paths and PEFT's own DoRA, both tested elsewhere), and the op against a float64 
 Tolerances: the mixed path computes each DoRA row as result + (g−1)(result − b) + g·lora (PEFT's eval form) where
 the single-adapter fused op computes g·(result − b + lora) + b, and its GEMMs run on gathered rows: the two agree to
 the output dtype's rounding, a few ulps of the output's scale (TOLERANCES of the dtype, norm-wise). Base rows are
-bit-exact (the base output is passed through), as is generation's argmax where the logits differ by rounding only.
+bit-exact (the base output is passed through). Greedy generation is compared token for token in float32, where the
+smallest top-2 logit margin of these generations is 1.4e-3 (measured) against differences of ~1e-6.
 """
 
 from __future__ import annotations
@@ -234,7 +235,10 @@ def test_peft_adapter_names_with_dora_after_from_peft(dtype):
             assert_close_normwise(mixed[i:i + 1], alone, TOLERANCES[dtype]["rtol"], f"{i} ({name})")
         kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
         generated = ours.generate(input_ids=ids, adapter_names=names, **kw)
-        for i, name in enumerate(names):
+        assert generated.shape == (len(names), ids.shape[1] + 5)
+        # greedy tokens are compared in float32 only: the bfloat16 model's best two logits tie exactly at some
+        # steps (measured margin 0), where rounding-level differences may pick either token
+        for i, name in enumerate(names if dtype == torch.float32 else []):
             if name == "__base__":
                 continue
             ours.set_adapter(name)

@@ -277,43 +277,49 @@ void lowrank_rowscale_(at::Tensor& W, const at::Tensor& c, const at::Tensor& d, 
     launch_lowrank_rows<true>(W, A, B, s, &c, &d, nullptr);
 }
 
+// The launch shared by the quantized norms: an [out] norm in A's dtype, and (out > 0) launch(grid, norm) under a
+// guard of the storage's device, one block per kRowsPerBlock rows. (The stream is taken inside `launch`: nvcc's
+// stub generator mishandles kernels instantiated in a generic lambda.)
+template <typename Launch>
+at::Tensor launch_row_norm(const at::Tensor& storage, int64_t out, const at::Tensor& A, const Launch& launch) {
+    auto norm = at::empty({out}, A.options());
+    if (out == 0) return norm;
+    DORA_DEVICE_GUARD(storage);
+    launch(dim3(static_cast<unsigned>(ceil_div(out, kRowsPerBlock))), norm);
+    return norm;
+}
+
 at::Tensor packed4_row_norm(const Packed4bit& W, const at::Tensor& A, const at::Tensor& B, double s) {
-    auto norm = at::empty({W.out}, A.options());
-    if (W.out == 0) return norm;
-    DORA_DEVICE_GUARD(W.packed);
-    auto stream = DORA_STREAM;
-    const dim3 grid(static_cast<unsigned>(ceil_div(W.out, kRowsPerBlock)));
     const Packed4View view = packed4_view(W);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W.dtype, "dora_ext::packed4_row_norm", [&] {
-        using w_t = scalar_t;
-        AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "dora_ext::packed4_row_norm_acc", [&] {
-            using acc_t = scalar_t;
-            auto* kernel = &packed4_norm_kernel<w_t, acc_t>;
-            DORA_LAUNCH(kernel, grid, kThreads, stream, view, A.const_data_ptr<acc_t>(), B.const_data_ptr<acc_t>(),
-                        W.out, W.in, A.size(0), static_cast<acc_t>(s), norm.mutable_data_ptr<acc_t>());
-            DORA_LAUNCH_CHECK();
+    return launch_row_norm(W.packed, W.out, A, [&](dim3 grid, at::Tensor& norm) {
+        auto stream = DORA_STREAM;
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W.dtype, "dora_ext::packed4_row_norm", [&] {
+            using w_t = scalar_t;
+            AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "dora_ext::packed4_row_norm_acc", [&] {
+                using acc_t = scalar_t;
+                auto* kernel = &packed4_norm_kernel<w_t, acc_t>;
+                DORA_LAUNCH(kernel, grid, kThreads, stream, view, A.const_data_ptr<acc_t>(),
+                            B.const_data_ptr<acc_t>(), W.out, W.in, A.size(0), static_cast<acc_t>(s),
+                            norm.mutable_data_ptr<acc_t>());
+                DORA_LAUNCH_CHECK();
+            });
         });
     });
-    return norm;
 }
 
 at::Tensor int8_row_norm(const at::Tensor& CB, const at::Tensor& SCB, const at::Tensor& A, const at::Tensor& B,
                          double s) {
-    const int64_t out = CB.size(0), in = CB.size(1);
-    auto norm = at::empty({out}, A.options());
-    if (out == 0) return norm;
-    DORA_DEVICE_GUARD(CB);
-    auto stream = DORA_STREAM;
-    const dim3 grid(static_cast<unsigned>(ceil_div(out, kRowsPerBlock)));
-    AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "dora_ext::int8_row_norm", [&] {
-        using acc_t = scalar_t;
-        auto* kernel = &int8_norm_kernel<acc_t>;
-        DORA_LAUNCH(kernel, grid, kThreads, stream, CB.const_data_ptr<int8_t>(), SCB.const_data_ptr<float>(),
-                    A.const_data_ptr<acc_t>(), B.const_data_ptr<acc_t>(), out, in, A.size(0), static_cast<acc_t>(s),
-                    norm.mutable_data_ptr<acc_t>());
-        DORA_LAUNCH_CHECK();
+    return launch_row_norm(CB, CB.size(0), A, [&](dim3 grid, at::Tensor& norm) {
+        auto stream = DORA_STREAM;
+        AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "dora_ext::int8_row_norm", [&] {
+            using acc_t = scalar_t;
+            auto* kernel = &int8_norm_kernel<acc_t>;
+            DORA_LAUNCH(kernel, grid, kThreads, stream, CB.const_data_ptr<int8_t>(), SCB.const_data_ptr<float>(),
+                        A.const_data_ptr<acc_t>(), B.const_data_ptr<acc_t>(), CB.size(0), CB.size(1), A.size(0),
+                        static_cast<acc_t>(s), norm.mutable_data_ptr<acc_t>());
+            DORA_LAUNCH_CHECK();
+        });
     });
-    return norm;
 }
 
 void epilogue(at::Tensor& out, const at::Tensor& acc, const at::Tensor& g, const at::Tensor& bias) {
