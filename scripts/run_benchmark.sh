@@ -8,3 +8,6 @@ bash scripts/setup.sh
 .venv/bin/python benchmarks/bench_dora_linear.py "$@"
 .venv/bin/python benchmarks/bench_model.py
 .venv/bin/python benchmarks/bench_trainers.py
+.venv/bin/python benchmarks/bench_model.py --quantized 4bit
+.venv/bin/python benchmarks/bench_qdora.py
+.venv/bin/python benchmarks/bench_serving.py
