@@ -1,8 +1,11 @@
 """One DoRA linear layer, side by side: PEFT LoRA, PEFT DoRA, dora_ext DoRA and the plain-PyTorch reference.
 
 Modes: `fwd` (eval, no grad: dora_ext reuses its cached norm, as it does for repeated eval calls; PEFT DoRA is
-timed without and with its opt-in DoraCaching) and `fwd_bwd` (train, x requires grad, backward of a fixed
-upstream gradient).
+timed without and with its opt-in DoraCaching), `fwd_bwd` (train, x requires grad, backward of a fixed upstream
+gradient: the output stays alive until backward, as when the next op saves it) and `fwd_bwd_res` (the same, the
+output consumed by a residual add as o_proj's and down_proj's are, so nothing else keeps it: there the
+activation-memory modes differ). dora_ext trains in its default mode ("balanced") and, as dora_ext_output and
+dora_ext_low, in the other two (ops.set_activation_memory).
 Reports median / p20 / p80 ms, the ratio to PEFT LoRA measured in the same run, and peak memory above the
 inputs; plus the weight-norm kernel's bandwidth against a plain copy of W. Results go to
 benchmarks/results/<device>.csv and .md with device, torch / peft versions and git sha.
@@ -29,8 +32,10 @@ from dora_ext import reference as ref  # noqa: E402
 from memory import peak_memory  # noqa: E402
 from shapes import LLAMA7B, RANKS, TOKENS  # noqa: E402
 
-PROVIDERS = ["peft_lora", "peft_dora", "peft_dora_cached", "dora_ext", "reference"]
+PROVIDERS = ["peft_lora", "peft_dora", "peft_dora_cached", "dora_ext", "dora_ext_output", "dora_ext_low",
+             "reference"]
 FWD_ONLY = {"peft_dora_cached"}  # PEFT's cache only works in eval
+TRAIN_ONLY = {"dora_ext_output": "output", "dora_ext_low": "low"}  # activation-memory modes: training only
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -73,10 +78,10 @@ def build(provider: str, base: nn.Linear, r: int) -> nn.Module:
         layer = peft.get_peft_model(holder, cfg).base_model.model.lin
         return PeftDoraCached(layer) if provider == "peft_dora_cached" else layer
     layer = dora_ext.DoRALinear.from_linear(lin, r=r, alpha=2 * r)
-    return layer if provider == "dora_ext" else ReferenceDoRA(layer)
+    return ReferenceDoRA(layer) if provider == "reference" else layer
 
 
-def step_fn(module: nn.Module, mode: str, x: torch.Tensor, grad: torch.Tensor):
+def step_fn(module: nn.Module, mode: str, x: torch.Tensor, grad: torch.Tensor, memory: str = "balanced"):
     """(reset, step): reset drops the previous step's gradients, so that frees of old gradients never fall
     inside the step whose peak memory is measured."""
     params = [p for p in module.parameters() if p.requires_grad]
@@ -97,7 +102,11 @@ def step_fn(module: nn.Module, mode: str, x: torch.Tensor, grad: torch.Tensor):
             p.grad = None
 
     def step():
-        module(x).backward(grad)
+        with ops.activation_memory(memory):
+            if mode == "fwd_bwd_res":
+                (module(x) + 1.0).backward(grad)  # the residual add keeps nothing of the layer's output
+            else:
+                module(x).backward(grad)
 
     return reset, step
 
@@ -136,9 +145,10 @@ def run(args) -> tuple[list[dict], list[dict]]:
                 for mode in args.modes:
                     measured = {}
                     for provider, module in modules.items():
-                        if mode != "fwd" and provider in FWD_ONLY:
+                        if (mode != "fwd" and provider in FWD_ONLY) or (mode == "fwd" and provider in TRAIN_ONLY):
                             continue
-                        reset, step = step_fn(module, mode, x.detach().clone(), grad)
+                        reset, step = step_fn(module, mode, x.detach().clone(), grad,
+                                              TRAIN_ONLY.get(provider, "balanced"))
                         p50, p20, p80 = median_ms(lambda: (reset(), step()), device, args.warmup, args.reps)
                         reset()
                         _, peak = peak_memory(step, device)
@@ -163,12 +173,12 @@ def summarize(rows: list[dict]) -> list[str]:
     by_key = {(r["shape"], r["tokens"], r["r"], r["mode"], r["provider"]): r for r in rows}
     for (shape, T, rank, mode, provider), row in by_key.items():
         lora = by_key.get((shape, T, rank, mode, "peft_lora"))
-        if provider != "dora_ext" or not lora:
+        if not provider.startswith("dora_ext") or not lora:
             continue
-        text = f"{mode:7s} {shape} T={T} r={rank}: dora_ext / PEFT LoRA = {row['p50_ms'] / lora['p50_ms']:.3f}"
+        text = f"{mode:7s} {shape} T={T} r={rank}: {provider} / PEFT LoRA = {row['p50_ms'] / lora['p50_ms']:.3f}"
         for other, label in (("peft_dora", "PEFT DoRA"), ("peft_dora_cached", "PEFT DoRA+DoraCaching")):
             if (shape, T, rank, mode, other) in by_key:
-                text += f", {label} / dora_ext = {by_key[(shape, T, rank, mode, other)]['p50_ms'] / row['p50_ms']:.2f}x"
+                text += f", {label} / {provider} = {by_key[(shape, T, rank, mode, other)]['p50_ms'] / row['p50_ms']:.2f}x"
         text += f", peak {row['peak_MiB']} MiB vs LoRA {lora['peak_MiB']} MiB"
         lines.append(text)
     return lines
@@ -183,7 +193,8 @@ def main(argv=None):
     parser.add_argument("--ranks", type=int, nargs="+", default=RANKS)
     parser.add_argument("--shapes", nargs="*", help="substrings of shape names to keep (default: all)")
     parser.add_argument("--providers", nargs="+", default=PROVIDERS, choices=PROVIDERS)
-    parser.add_argument("--modes", nargs="+", default=["fwd", "fwd_bwd"], choices=["fwd", "fwd_bwd"])
+    parser.add_argument("--modes", nargs="+", default=["fwd", "fwd_bwd", "fwd_bwd_res"],
+                        choices=["fwd", "fwd_bwd", "fwd_bwd_res"])
     parser.add_argument("--warmup", type=int, default=5 if cuda else 1)
     parser.add_argument("--reps", type=int, default=20 if cuda else 5)  # 3 left ±5% noise on 2 cores
     parser.add_argument("--tiny", action="store_true", help="one tiny shape (smoke test)")

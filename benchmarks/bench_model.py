@@ -34,10 +34,11 @@ import dora_ext  # noqa: E402
 from bench_utils import add_llama_args, build_llama, fill_llama_defaults, interleaved_ms, publish  # noqa: E402
 from memory import peak_memory  # noqa: E402
 
-#: dora_ext_low: dora_ext's layers with ops.set_activation_memory("low") (nothing [T, out] kept; recompute where the
-#: output is gone by backward time)
-PROVIDERS = ("peft_lora", "peft_dora", "dora_ext", "dora_ext_low", "peft_dora_fused")
-MODES = {"dora_ext_low": "low"}  # activation memory per provider (default "output")
+#: dora_ext: dora_ext's layers in the default activation-memory mode ("balanced"); dora_ext_output and dora_ext_low
+#: in the other two (ops.set_activation_memory: keep every layer's output / free every output that dies in the
+#: forward and recompute acc in backward)
+PROVIDERS = ("peft_lora", "peft_dora", "dora_ext", "dora_ext_output", "dora_ext_low", "peft_dora_fused")
+MODES = {"dora_ext_output": "output", "dora_ext_low": "low"}  # activation memory per provider (default "balanced")
 
 
 def build(provider: str, base, r: int):
@@ -51,7 +52,7 @@ def build(provider: str, base, r: int):
     return dora_ext.from_peft(model) if provider == "peft_dora_fused" else model
 
 
-def train_step(model, batch, activations="output"):
+def train_step(model, batch, activations="balanced"):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step():
@@ -104,7 +105,9 @@ def run(args):
     steps = {}
     for provider, model in models.items():
         model.train()
-        steps[provider] = train_step(model, batch, MODES.get(provider, "output"))
+        if args.checkpointing:
+            model.gradient_checkpointing_enable()  # transformers' default: non-reentrant torch.utils.checkpoint
+        steps[provider] = train_step(model, batch, MODES.get(provider, "balanced"))
         steps[provider]()  # allocate optimizer state outside the measurement
     timed = interleaved_ms(steps, device, args.warmup, args.reps)
     for provider, step in steps.items():
@@ -140,12 +143,17 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--quantized", choices=("4bit", "8bit"), default=None,
                    help="load the stack with bitsandbytes (QLoRA / QDoRA providers)")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="train with gradient checkpointing (gradient_checkpointing_enable, non-reentrant)")
     args = p.parse_args(argv)
     fill_llama_defaults(args, cuda=dict(warmup=3, reps=10), cpu=dict(warmup=2, reps=15))
     rows = run(args)
     slug, title = ("model", "Model-level benchmark") if not args.quantized else (
         f"model-{args.quantized}", f"Model-level benchmark, bitsandbytes {args.quantized} base (QLoRA / QDoRA)")
-    command = "python benchmarks/bench_model.py" + (f" --quantized {args.quantized}" if args.quantized else "")
+    if args.checkpointing:
+        slug, title = slug + "-ckpt", title + ", gradient checkpointing"
+    command = "python benchmarks/bench_model.py" + (f" --quantized {args.quantized}" if args.quantized else "") + (
+        " --checkpointing" if args.checkpointing else "")
     print(publish(rows, args, torch.device(args.device), slug, title, "", command,
                   ["mode", "provider", "ms", "ms_p20", "ms_p80", "vs_peft_lora", "peak_mib"]))
 

@@ -38,7 +38,14 @@ def _quiet_profiler_stderr():
 
 
 def peak_memory(fn: Callable[[], Any], device: str | torch.device = "cpu") -> tuple[Any, int]:
-    """Run fn() and return (its result, peak bytes allocated above the level at the start of the call).
+    """Run fn() and return (its result, peak bytes allocated above the level at the start of the call)."""
+    result, peak, _ = memory_levels(fn, device)
+    return result, peak
+
+
+def memory_levels(fn: Callable[[], Any], device: str | torch.device = "cpu") -> tuple[Any, int, int]:
+    """Run fn() and return (its result, peak bytes allocated above the level at the start of the call, bytes still
+    allocated at its end above that level: what fn left alive, e.g. what a forward keeps for backward).
 
     CUDA: the caching allocator's max_memory_allocated. CPU: every allocation and free the profiler records,
     summed in time order; the call runs on one thread because the profiler does not see allocations made by
@@ -51,7 +58,7 @@ def peak_memory(fn: Callable[[], Any], device: str | torch.device = "cpu") -> tu
         torch.cuda.reset_peak_memory_stats(device)
         result = fn()
         torch.cuda.synchronize(device)
-        return result, torch.cuda.max_memory_allocated(device) - start
+        return result, torch.cuda.max_memory_allocated(device) - start, torch.cuda.memory_allocated(device) - start
     from torch.profiler import ProfilerActivity, profile
 
     threads = torch.get_num_threads()
@@ -67,4 +74,4 @@ def peak_memory(fn: Callable[[], Any], device: str | torch.device = "cpu") -> tu
     for e in events:
         level += e.nbytes()
         peak = max(peak, level)
-    return result, peak
+    return result, peak, level

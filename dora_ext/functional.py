@@ -87,7 +87,7 @@ def rescale(x: Tensor, result: Tensor, bias: Tensor | None, adapters: Sequence[A
     base_of(x_d) = W·x_d without bias, the base layer's own product again); plain LoRA adds s·B·A·x_d. x is cast to
     the adapters' dtype and the output back to result's (PEFT's rule for quantized layers outside autocast)."""
     out_dtype = result.dtype
-    for a in adapters:
+    for i, a in enumerate(adapters):
         xa = x.to(a.lora_A.dtype)
         x_drop = _dropped(xa, a, training)
         src = xa if x_drop is None else x_drop
@@ -97,9 +97,12 @@ def rescale(x: Tensor, result: Tensor, bias: Tensor | None, adapters: Sequence[A
             result = (result + (u @ a.lora_B.T) * a.scaling).to(out_dtype)
             continue
         base = None if x_drop is None else base_of(x_drop).to(dtype)
+        # The first adapter without dropout or bias: its output serves the magnitude gradient, and base_of(x)
+        # (result again) recomputes acc where backward needs it; later adapters' result holds earlier updates.
+        recover = dict(x=x, base_fn=lambda: base_of(x)) if i == 0 and base is None and bias is None else {}
         result = ops.dora_rescale(result.to(dtype), u.to(dtype), a.lora_B, a.magnitude, a.norm, a.scaling,
                                   bias=None if bias is None or base is not None else bias.to(dtype),
-                                  base=base).to(out_dtype)
+                                  base=base, **recover).to(out_dtype)
     return result
 
 

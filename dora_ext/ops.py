@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import weakref
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -173,9 +175,9 @@ def _dora_linear_setup(ctx, inputs, output):
     # It is held as a detached alias (same storage and version counter, no reference to the graph, so no cycle); if
     # the caller modifies the output in place (ReLU(inplace=True), y += r) the version moves and backward recomputes
     # acc with one GEMM instead of failing. Rows with m = 0 (out = 0 carries no acc) keep the saved acc.
-    use_output = (need[6] and need[4] and _ACTIVATIONS != "acc" and bias is None and not ctx.dropout
+    use_output = (need[6] and need[4] and bias is None and not ctx.dropout and _output_mode_applies()
                   and _is_real(magnitude) and not bool((magnitude == 0).any()))
-    _keep_output(ctx, output[0], use_output)
+    out_saved = _keep_output(ctx, output[0], use_output, x.shape[-1])
     # Save only what the requested gradients read: x_src for lora_A, lora_u for lora_B, acc for the magnitude.
     ctx.save_for_backward(
         x_src if need[4] else None,
@@ -184,7 +186,7 @@ def _dora_linear_setup(ctx, inputs, output):
         lora_B,
         magnitude,
         weight_norm,
-        acc if need[6] and not use_output else None,
+        acc if need[6] and not use_output else out_saved,
         lora_u if need[5] else None,
     )
 
@@ -195,7 +197,7 @@ def _dora_linear_backward(ctx, grad_out, _grad_acc, _grad_u, *, _ns):
     x_src, weight, lora_A, lora_B, magnitude, weight_norm, acc, lora_u = ctx.saved_tensors
     acc_is_output = False
     if ctx.kept_output:
-        acc, acc_is_output = _magnitude_operand(ctx, x_src, weight, lora_A, lora_B, lora_u, x_src.dtype)
+        acc, acc_is_output = _magnitude_operand(ctx, acc, x_src, weight, lora_A, lora_B, lora_u, x_src.dtype)
     with autocast_off(grad_out):  # backward() called inside an autocast region must not re-cast our GEMMs
         gx, gxd, gA, gB, gm, gb = _ns.dora_linear_backward(
             grad_out, x_src, weight, lora_A, lora_B, magnitude, weight_norm, acc, lora_u, ctx.scaling, ctx.dropout,
@@ -213,20 +215,25 @@ def _is_real(t: Tensor) -> bool:
 
 
 #: What the fused ops keep for the magnitude gradient's [T, out] operand (set_activation_memory).
-_ACTIVATIONS = "output"
-ACTIVATION_MODES = ("output", "low", "acc")
+_ACTIVATIONS = "balanced"
+ACTIVATION_MODES = ("balanced", "output", "low", "acc")
 
 
 def set_activation_memory(mode: str) -> str:
-    """Choose what dora_linear and dora_rescale keep from forward to backward for the magnitude gradient, where the
-    output can serve (no bias, no dropout, m ≠ 0; elsewhere the pre-scale sum acc is kept); returns the previous mode.
+    """Choose what dora_linear and dora_rescale keep from forward to backward for the magnitude gradient
+    Σ_t δ ⊙ acc / n; returns the previous mode. Where the output can serve (no bias, no dropout, m ≠ 0: out = g ⊙ acc)
+    the op holds its own output, which costs nothing while a later op of the forward saves it too (SiLU, the gate
+    product); what differs is an output that dies during the forward (a residual add, rotary or a copy consumed it):
 
-    "output" (default): the output itself. No extra memory where the output stays alive anyway (the next op saves
-        it: SiLU, the gate product, attention's v); elsewhere it costs what acc cost. No extra compute.
-    "low": a weak reference to the output: nothing [T, out] is kept, peak memory is LoRA's; where the output has
-        been freed by backward time (a residual add consumed it), acc is recomputed: one [T, in]×[in, out] GEMM.
-    "acc": the pre-scale sum, one [T, out] tensor per layer (the behaviour before "output").
-    An output modified in place is detected (version counter) and acc recomputed, in every mode."""
+    "balanced" (default): it is freed where the recompute is cheap (in_features ≤ out_features: q/k/v/o, gate/up),
+        and backward recomputes acc with one [T, in]×[in, out] GEMM; elsewhere (down_proj) it is kept.
+        Llama-style stack, CPU fp32: 1.04× PEFT LoRA's peak memory at 1.10× its step time.
+    "output": always kept: no recompute; the layer then costs one [T, out] more than LoRA (1.20×, at 0.99×).
+    "low": always freed: LoRA's peak memory (1.00×), at 1.18× its step time.
+    "acc": the pre-scale sum acc itself, one [T, out] per layer (the behaviour before "output").
+    Elsewhere acc is kept. Under saved-tensor hooks (non-reentrant activation checkpointing, offloading) the output
+    is saved through them instead of being held, in every mode but "acc": checkpointing then drops it like any
+    activation. An output modified in place is detected (version counter) and acc recomputed, in every mode."""
     global _ACTIVATIONS
     if mode not in ACTIVATION_MODES:
         raise ValueError(f"dora_ext.ops.set_activation_memory: expected one of {ACTIVATION_MODES}, got {mode!r}")
@@ -244,30 +251,94 @@ def activation_memory(mode: str):
         set_activation_memory(previous)
 
 
-def magnitude_grad_from_output(enabled: bool) -> None:
-    """Shorthand: set_activation_memory("output" if enabled else "acc")."""
-    set_activation_memory("output" if enabled else "acc")
+class _KeptOutput:
+    """The op's output held for backward as a detached alias (same storage and version counter, no reference to the
+    graph, so no cycle). Where the mode allows, a finalizer on the output drops the alias when the output dies
+    outside a backward pass: then no later op of the forward saved it (a residual add, rotary, a copy consumed it)
+    and holding it would be the layer's own [T, out]; backward recomputes acc instead. An output that dies inside
+    backward (its consumer's saved tensors being released) stays held: backward is about to read it."""
+
+    __slots__ = ("alias", "version", "__weakref__")
+
+    def __init__(self, out: Tensor, free_when_dead: bool):
+        self.alias, self.version = out.detach(), out._version
+        if free_when_dead:
+            weakref.finalize(out, _KeptOutput._output_died, weakref.ref(self))
+
+    @staticmethod
+    def _output_died(ref) -> None:
+        kept = ref()
+        if kept is not None and not _in_backward():
+            kept.alias = None
+
+    def get(self) -> Tensor | None:
+        """The alias if still held and unmodified, else None."""
+        out = self.alias
+        return out if out is not None and out._version == self.version else None
 
 
-def _keep_output(ctx, out: Tensor, use: bool) -> None:
-    """Keep the op's output for backward: a detached alias (same storage and version counter, no reference to the
-    graph, so no cycle), or in "low" mode a weak reference; and its version, to detect in-place edits."""
+def _saved_tensors_hooked() -> bool:
+    """Whether saved-tensor hooks are active (activation checkpointing without reentrancy, the default of
+    transformers' gradient_checkpointing_enable; offloading with save_on_cpu): what backward reads must then go
+    through them (ctx.save_for_backward), not be held on ctx behind their back, or checkpointing keeps every
+    layer's output for the whole step."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is not None and top(False) is not None
+
+
+def _output_mode_applies() -> bool:
+    """Whether the output may serve the magnitude gradient: not in "acc" mode, and always under saved-tensor hooks.
+    Non-reentrant checkpointing re-runs the forward in backward, outside the caller's activation_memory block, and
+    the re-run must save the same tensors as the first run: under hooks the choice therefore never reads the mode."""
+    return _ACTIVATIONS != "acc" or _saved_tensors_hooked()
+
+
+def _in_backward() -> bool:
+    """Whether this thread is running a backward pass (the autograd engine's current graph task)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task() != -1 if task is not None else not torch.is_grad_enabled()
+
+
+def _free_when_dead(in_features: int, out_features: int) -> bool:
+    """Whether the current mode frees a layer's kept output once nothing else holds it (then backward recomputes acc
+    with one [T, in]×[in, out] GEMM): "low" always; "balanced" where in_features ≤ out_features (that GEMM costs at
+    most 2·out FLOPs per freed element)."""
+    return _ACTIVATIONS == "low" or (_ACTIVATIONS == "balanced" and in_features <= out_features)
+
+
+def _keep_output(ctx, out: Tensor, use: bool, in_features: int = 0) -> Tensor | None:
+    """Keep the op's output for backward, if `use`: held on ctx (_KeptOutput) or, under saved-tensor hooks, returned
+    as a detached alias for the caller to save in acc's place (the hooks then drop or move it like any activation;
+    its version at this point is recorded, so an unpacked alias that was modified in place is not used)."""
     ctx.kept_output = use
-    ctx.out_alias = out.detach() if use and _ACTIVATIONS == "output" else None
-    ctx.out_ref = weakref.ref(out) if use and _ACTIVATIONS == "low" else None
-    ctx.out_version = out._version if use else None
+    ctx.kept = ctx.out_version = None
+    if not use:
+        return None
+    if _saved_tensors_hooked():
+        ctx.out_version = out._version
+        return out.detach()
+    ctx.kept = _KeptOutput(out, _free_when_dead(in_features, out.shape[-1]))
+    return None
 
 
-def _magnitude_operand(ctx, x: Tensor, weight: Tensor, lora_A: Tensor | None, lora_B: Tensor, lora_u: Tensor | None,
-                       dtype: torch.dtype) -> tuple[Tensor, bool]:
-    """(the [T, out] operand of the magnitude gradient, whether it is the output): the kept output if it is still
-    alive and unmodified, else acc = x Wᵀ + s·(x Aᵀ) Bᵀ recomputed in `dtype` as the forward computed it."""
-    out = ctx.out_alias if ctx.out_alias is not None else (ctx.out_ref() if ctx.out_ref is not None else None)
-    if out is not None and out._version == ctx.out_version:
+def _magnitude_operand(ctx, saved: Tensor | None, x: Tensor | None, weight: Tensor | None, lora_A: Tensor | None,
+                       lora_B: Tensor, lora_u: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, bool]:
+    """(the [T, out] operand of the magnitude gradient, whether it is the output): the kept output (held on ctx,
+    or `saved` through saved-tensor hooks) if it is still there and unmodified, else acc = x Wᵀ + s·(x Aᵀ) Bᵀ recomputed in `dtype` as the forward computed it (x Wᵀ by
+    ctx.base_fn where the base layer has no dense weight)."""
+    out = ctx.kept.get() if ctx.kept is not None else (
+        saved if saved is not None and saved._version == ctx.out_version else None)
+    if out is not None:
         return out.reshape(-1, out.shape[-1]), True
-    x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+    if weight is None:
+        with torch.no_grad():
+            base = ctx.base_fn()
+        base = base.reshape(-1, base.shape[-1]).to(dtype)
+    else:
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        base = x2 @ weight.to(dtype).T
     u = lora_u if lora_u is not None else x2 @ lora_A.to(dtype).T
-    return torch.addmm(x2 @ weight.to(dtype).T, u.to(dtype), lora_B.to(dtype).T, alpha=ctx.scaling), False
+    return torch.addmm(base, u.to(dtype), lora_B.to(dtype).T, alpha=ctx.scaling), False
 
 
 
@@ -289,7 +360,7 @@ def _dora_linear_backward_fake(grad_out, x_src, weight, lora_A, lora_B, magnitud
 # --------------------------------------------------------------------------------------------------- dora_rescale
 def dora_rescale(result: Tensor, lora_u: Tensor, lora_B: Tensor, magnitude: Tensor, weight_norm: Tensor,
                  scaling: float, *, bias: Tensor | None = None, base: Tensor | None = None, x: Tensor | None = None,
-                 weight: Tensor | None = None) -> Tensor:
+                 weight: Tensor | None = None, base_fn: Callable[[], Tensor] | None = None) -> Tensor:
     """The DoRA update of a base layer's output computed elsewhere (what a PEFT LoRA variant receives); returns a
     new tensor of result's shape and dtype, g = magnitude / max(weight_norm, NORM_EPS), lora_u = x Aᵀ [..., r]:
 
@@ -299,11 +370,27 @@ def dora_rescale(result: Tensor, lora_u: Tensor, lora_B: Tensor, magnitude: Tens
     Gradients flow to result, base, lora_u, lora_B and magnitude; the GEMMs producing result, base and lora_u stay
     the caller's (and autograd's). x and weight: the base layer's input and [out, in] weight (result − bias =
     x Wᵀ); given, the magnitude gradient is taken from the output (no [T, out] activation kept, as in dora_linear),
-    and an output modified in place is recovered from them."""
-    with autocast_off(result):
-        out, _ = _ops.dora_rescale(result, base, bias, lora_u, lora_B, magnitude, weight_norm, float(scaling), x,
-                                   weight)
+    and acc is recomputed from them where backward needs it (set_activation_memory). A base layer without a dense
+    weight (bitsandbytes) gives x and base_fn instead of weight: base_fn() returns result − bias again (its own
+    product of x), called in backward only for that recompute."""
+    if base_fn is not None:
+        if x is None or weight is not None or base is not None:
+            raise ValueError("dora_ext.ops.dora_rescale: expected base_fn with x and without weight or base (it "
+                             f"recomputes result − bias = x Wᵀ), got x={x is not None}, weight={weight is not None}, "
+                             f"base={base is not None}")
+        _pending.base_fn, _pending.in_features, x = base_fn, x.shape[-1], None
+    try:
+        with autocast_off(result):
+            out, _ = _ops.dora_rescale(result, base, bias, lora_u, lora_B, magnitude, weight_norm, float(scaling),
+                                       x, weight)
+    finally:
+        _pending.base_fn = None
     return out
+
+
+#: dora_rescale's base_fn, handed from the wrapper to setup_context (which sees only the op's tensors) on this
+#: thread, for the one op call in between.
+_pending = threading.local()
 
 
 def _dora_rescale_fake(result, base, bias, lora_u, lora_B, magnitude, weight_norm, scaling, x=None, weight=None):
@@ -329,12 +416,18 @@ def _dora_rescale_setup(ctx, inputs, output):
     # (result, base, lora_u, lora_B, magnitude), the order of dora_rescale_backward's output_mask
     ctx.mask = [need[0], need[1], need[3], need[4], need[5]]
     # As in dora_linear: without base and bias, out = g ⊙ acc, so the output serves the magnitude gradient (held as a
-    # detached alias, version-checked); x and W recover acc = x Wᵀ + s·u Bᵀ if it was modified in place.
-    use_output = (need[5] and _ACTIVATIONS != "acc" and base is None and bias is None and x is not None
+    # detached alias, version-checked); x and W (or the wrapper's base_fn) recompute acc = x Wᵀ + s·u Bᵀ where the
+    # output was freed or modified in place. base_fn's closure holds x outside saved-tensor hooks, so under hooks
+    # (checkpointing) that route keeps acc, which goes through them.
+    base_fn = getattr(_pending, "base_fn", None)
+    use_output = (need[5] and base is None and bias is None and _output_mode_applies()
+                  and (x is not None or (base_fn is not None and not _saved_tensors_hooked()))
                   and _is_real(magnitude) and not bool((magnitude == 0).any()))
-    _keep_output(ctx, output[0], use_output)
+    out_saved = _keep_output(ctx, output[0], use_output,
+                             x.shape[-1] if x is not None else getattr(_pending, "in_features", 0))
+    ctx.base_fn = base_fn if use_output else None
     ctx.save_for_backward(lora_u if need[4] or use_output else None, lora_B, magnitude, weight_norm,
-                          acc if need[5] and not use_output else None, x if use_output else None,
+                          acc if need[5] and not use_output else out_saved, x if use_output else None,
                           weight if use_output else None)
 
 
@@ -346,7 +439,7 @@ def _dora_rescale_backward(ctx, grad_out, _grad_acc, *, _ns):
         lora_u = lora_u.reshape(-1, lora_u.shape[-1])  # [T, r], as the op's acc
     acc_is_output = False
     if ctx.kept_output:  # (result had no bias on this path: result − bias = x Wᵀ)
-        acc, acc_is_output = _magnitude_operand(ctx, x, weight, None, lora_B, lora_u, grad_out.dtype)
+        acc, acc_is_output = _magnitude_operand(ctx, acc, x, weight, None, lora_B, lora_u, grad_out.dtype)
     need_result, need_base, need_u, need_B, need_m = ctx.mask
     # With base, d out / d result is the identity: result's gradient is grad_out itself, no kernel needed.
     mask = [need_result and not ctx.has_base, need_base, need_u, need_B, need_m]

@@ -145,16 +145,22 @@ def _variant_classes():
                 base = F.linear(x, weight.to(x.dtype)).to(dtype)  # W·x_d, no bias: PEFT recomputes it too
                 return ops.dora_rescale(result.to(dtype), lora_A(x).to(dtype), lora_B.weight, magnitude, norm,
                                         scaling, base=base)
-            if bias is None:  # the magnitude gradient then comes from the output (x, W recover it if edited)
+            if bias is None and _result_is_base_output(module, a):  # the magnitude gradient from the output
                 return ops.dora_rescale(result.to(dtype), lora_A(x).to(dtype), lora_B.weight, magnitude, norm,
                                         scaling, x=x, weight=weight)
             return ops.dora_rescale(result.to(dtype), lora_A(x).to(dtype), lora_B.weight, magnitude, norm, scaling,
-                                    bias=bias.to(dtype))
+                                    bias=None if bias is None else bias.to(dtype))
+
+    def _result_is_base_output(module, a) -> bool:
+        """Whether the `result` adapter a's variant receives is still the base layer's output (result − bias = x Wᵀ,
+        what a recompute of acc rebuilds): a is the layer's first active adapter, as PEFT adds each active adapter's
+        update to result in turn. Otherwise the op keeps acc."""
+        return next((n for n in module.active_adapters if n in module.lora_A), None) == a
 
     def _quantized_forward(module, a, base_layer, x, result, dtype):
         """A bitsandbytes base layer: the norm from the packed weight; with dropout, W·x_d is bitsandbytes' own
-        product (PEFT dequantizes the whole W for it); without, result − bias as for nn.Linear. The magnitude
-        gradient keeps acc (the output cannot be recovered without a dense W)."""
+        product (PEFT dequantizes the whole W for it); without, result − bias as for nn.Linear, and without a bias
+        the magnitude gradient comes from the output, with bitsandbytes' product of x to recompute acc."""
         lora_A, lora_B = module.lora_A[a], module.lora_B[a]
         scaling, bias = module.scaling[a], base_layer.bias
         norm = _linear_norm(module, a)
@@ -165,6 +171,9 @@ def _variant_classes():
             base = (base if bias is None else base - bias).to(dtype)
             return ops.dora_rescale(result.to(dtype), lora_A(x).to(dtype), lora_B.weight, magnitude, norm, scaling,
                                     base=base)
+        if bias is None and _result_is_base_output(module, a):
+            return ops.dora_rescale(result.to(dtype), lora_A(x).to(dtype), lora_B.weight, magnitude, norm, scaling,
+                                    x=x, base_fn=lambda: base_layer(x))
         return ops.dora_rescale(result.to(dtype), lora_A(x).to(dtype), lora_B.weight, magnitude, norm, scaling,
                                 bias=None if bias is None else bias.to(dtype))
 

@@ -30,7 +30,7 @@ import dora_ext  # noqa: E402
 from dora_ext import ops, quantized  # noqa: E402
 from dora_ext.layers import QuantizedLinear, layer_class_for  # noqa: E402
 from helpers import TOLERANCES, assert_close_normwise  # noqa: E402
-from memory import peak_memory  # noqa: E402
+from memory import memory_levels, peak_memory  # noqa: E402
 from quant_helpers import (FORMATS_4BIT, TwoLinears, dequant_oracle, fmt_id, int8_oracle, norm_args,
                            quantize_4bit, quantized_copy)
 
@@ -465,3 +465,60 @@ def test_mixed_adapter_batch_on_a_quantized_base():
             dora_ext.set_adapter(ours, name)
             alone = ours(x[i:i + 1])
         assert_close_normwise(mixed[i:i + 1], alone, _tol(CASES[1], False), f"row {i} ({name})")
+
+
+class _Residual(nn.Module):
+    """x → lin (bias-free, in ≤ out) → + 1: the residual add keeps nothing of lin's output."""
+
+    def __init__(self, d_in: int = 64, d_out: int = 128):
+        super().__init__()
+        self.lin = nn.Linear(d_in, d_out, bias=False)
+
+    def forward(self, x):
+        return self.lin(x) + 1.0
+
+
+def _residual_model(case, route):
+    """(ours, PEFT QDoRA's) with the same adapters on one quantized _Residual, built by inject or from_peft."""
+    torch.manual_seed(0)
+    base = _Residual()
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["lin"], use_dora=True)
+    theirs = peft.get_peft_model(quantized_copy(base, case[0], ["lin"], case[1] or "nf4", case[2], case[3]), config)
+    _perturb(theirs)
+    if route == "inject":
+        ours = dora_ext.inject(quantized_copy(base, case[0], ["lin"], case[1] or "nf4", case[2], case[3]),
+                               dora_ext.DoRAConfig(r=4, alpha=8, target_modules=["lin"]))
+        ours.load_state_dict({k.removeprefix("base_model.model."): v for k, v in theirs.state_dict().items()
+                              if "lora_" in k}, strict=False)
+    else:
+        ours = dora_ext.from_peft(peft.get_peft_model(
+            quantized_copy(base, case[0], ["lin"], case[1] or "nf4", case[2], case[3]), config))
+        _copy_adapters(theirs, ours)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("route", ["inject", "from_peft"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[-1]], ids=case_id)
+def test_qdora_output_freed_in_the_forward_is_recomputed_by_bitsandbytes(case, route):
+    """A QDoRA layer's output that dies in the forward (behind a residual add) is freed by default (in ≤ out), so
+    the forward keeps what QLoRA's keeps; backward recomputes acc with bitsandbytes' own product of x, and the
+    gradients match PEFT QDoRA's (whose forward keeps its dense temporaries' results instead)."""
+    ours, theirs = _residual_model(case, route)
+    x = torch.randn(512, 64, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    y_ours, g_ours = _loss_and_grads(ours, x)
+    y_theirs, g_theirs = _loss_and_grads(theirs, x)
+    tol = min(_tol(case, 0.0), 1e-3)
+    assert_close_normwise(y_ours, y_theirs, tol, "output")
+    assert len(g_ours) == 3 and set(g_ours) == set(g_theirs)
+    for name in g_ours:
+        assert_close_normwise(g_ours[name], g_theirs[name], tol, name)
+    # memory: what the forward keeps for backward, against PEFT QLoRA on the same base
+    qlora = peft.get_peft_model(quantized_copy(_Residual(), case[0], ["lin"], case[1] or "nf4", case[2], case[3]),
+                                peft.LoraConfig(r=4, lora_alpha=8, target_modules=["lin"]))
+    tensor = x.shape[0] * 128 * y_ours.element_size()
+    _, _, held_qlora = memory_levels(lambda: qlora(x).float().square().mean())
+    _, _, held_ours = memory_levels(lambda: ours(x).float().square().mean())
+    assert held_ours <= held_qlora + tensor // 8, (held_ours, held_qlora, tensor)
+    with ops.activation_memory("output"):  # the probe sees the output where it is kept
+        _, _, held_kept = memory_levels(lambda: ours(x).float().square().mean())
+    assert held_kept >= held_qlora + tensor, (held_kept, held_qlora, tensor)
