@@ -35,7 +35,18 @@ from shapes import LLAMA7B, RANKS, TOKENS  # noqa: E402
 PROVIDERS = ["peft_lora", "peft_dora", "peft_dora_cached", "dora_ext", "dora_ext_output", "dora_ext_low",
              "reference"]
 FWD_ONLY = {"peft_dora_cached"}  # PEFT's cache only works in eval
-TRAIN_ONLY = {"dora_ext_output": "output", "dora_ext_low": "low"}  # activation-memory modes: training only
+#: the other activation-memory modes: they differ only where the output dies in the forward (fwd_bwd_res)
+RES_ONLY = {"dora_ext_output": "output", "dora_ext_low": "low"}
+
+
+def runs(provider: str, mode: str) -> bool:
+    """Which providers each mode times: PEFT's cache in eval only, the memory modes behind the residual add only
+    (with PEFT LoRA, PEFT DoRA and dora_ext's default next to them)."""
+    if mode == "fwd":
+        return provider not in RES_ONLY
+    if mode == "fwd_bwd":
+        return provider not in FWD_ONLY and provider not in RES_ONLY
+    return provider in RES_ONLY or provider in ("peft_lora", "peft_dora", "dora_ext")
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -145,10 +156,10 @@ def run(args) -> tuple[list[dict], list[dict]]:
                 for mode in args.modes:
                     measured = {}
                     for provider, module in modules.items():
-                        if (mode != "fwd" and provider in FWD_ONLY) or (mode == "fwd" and provider in TRAIN_ONLY):
+                        if not runs(provider, mode):
                             continue
                         reset, step = step_fn(module, mode, x.detach().clone(), grad,
-                                              TRAIN_ONLY.get(provider, "balanced"))
+                                              RES_ONLY.get(provider, "balanced"))
                         p50, p20, p80 = median_ms(lambda: (reset(), step()), device, args.warmup, args.reps)
                         reset()
                         _, peak = peak_memory(step, device)

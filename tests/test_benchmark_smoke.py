@@ -21,8 +21,10 @@ def test_tiny_benchmark_writes_results(tmp_path):
     assert {r["provider"] for r in rows} == {"peft_lora", "peft_dora", "peft_dora_cached", "dora_ext", "dora_ext_output",
                                              "dora_ext_low", "reference"}
     assert {r["mode"] for r in rows if r["provider"] == "peft_dora_cached"} == {"fwd"}  # PEFT caches in eval only
-    for provider in ("dora_ext_output", "dora_ext_low"):  # activation-memory modes: training only
-        assert {r["mode"] for r in rows if r["provider"] == provider} == {"fwd_bwd", "fwd_bwd_res"}
+    for provider in ("dora_ext_output", "dora_ext_low"):  # activation-memory modes: behind the residual add only
+        assert {r["mode"] for r in rows if r["provider"] == provider} == {"fwd_bwd_res"}
+    assert {r["provider"] for r in rows if r["mode"] == "fwd_bwd_res"} == {"peft_lora", "peft_dora", "dora_ext",
+                                                                         "dora_ext_output", "dora_ext_low"}
     assert all(float(r["p50_ms"]) > 0 and r["torch"] and r["git_sha"] for r in rows)
     assert {float(r["vs_peft_lora"]) for r in rows if r["provider"] == "peft_lora"} == {1.0}
 
