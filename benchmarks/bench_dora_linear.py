@@ -6,9 +6,11 @@ gradient: the output stays alive until backward, as when the next op saves it) a
 output consumed by a residual add as o_proj's and down_proj's are, so nothing else keeps it: there the
 activation-memory modes differ). dora_ext trains in its default mode ("balanced") and, as dora_ext_output and
 dora_ext_low, in the other two (ops.set_activation_memory).
-Reports median / p20 / p80 ms, the ratio to PEFT LoRA measured in the same run, and peak memory above the
-inputs; plus the weight-norm kernel's bandwidth against a plain copy of W. Results go to
-benchmarks/results/<device>.csv and .md with device, torch / peft versions and git sha.
+Reports median / p20 / p80 ms, the ratio to PEFT LoRA measured in the same run, peak memory above the inputs
+and, for training, what the forward alone keeps for backward (held_MiB: where the modes differ; one layer's step
+peaks in its backward, where a recomputed acc takes the room a kept output would); plus the weight-norm
+kernel's bandwidth against a plain copy of W. Results go to benchmarks/results/<device>.csv and .md with device,
+torch / peft versions and git sha.
 
     python benchmarks/bench_dora_linear.py                    # defaults for the device present
     python benchmarks/bench_dora_linear.py --tokens 512 4096 --ranks 16 64 --dtype bfloat16
@@ -29,7 +31,7 @@ import dora_ext  # noqa: E402
 from bench_utils import markdown_table, median_ms, metadata, device_slug, sync, write_results  # noqa: E402
 from dora_ext import ops  # noqa: E402
 from dora_ext import reference as ref  # noqa: E402
-from memory import peak_memory  # noqa: E402
+from memory import memory_levels, peak_memory  # noqa: E402
 from shapes import LLAMA7B, RANKS, TOKENS  # noqa: E402
 
 PROVIDERS = ["peft_lora", "peft_dora", "peft_dora_cached", "dora_ext", "dora_ext_output", "dora_ext_low",
@@ -90,6 +92,16 @@ def build(provider: str, base: nn.Linear, r: int) -> nn.Module:
         return PeftDoraCached(layer) if provider == "peft_dora_cached" else layer
     layer = dora_ext.DoRALinear.from_linear(lin, r=r, alpha=2 * r)
     return ReferenceDoRA(layer) if provider == "reference" else layer
+
+
+def held_fn(module: nn.Module, mode: str, x: torch.Tensor, memory: str = "balanced"):
+    """The training forward alone (its result kept, the layer's output gone where the mode's consumer drops it):
+    what memory_levels reports as held is what the forward keeps for backward."""
+    def forward():
+        with ops.activation_memory(memory):
+            return module(x) + 1.0 if mode == "fwd_bwd_res" else module(x)
+
+    return forward
 
 
 def step_fn(module: nn.Module, mode: str, x: torch.Tensor, grad: torch.Tensor, memory: str = "balanced"):
@@ -163,17 +175,21 @@ def run(args) -> tuple[list[dict], list[dict]]:
                         p50, p20, p80 = median_ms(lambda: (reset(), step()), device, args.warmup, args.reps)
                         reset()
                         _, peak = peak_memory(step, device)
+                        held = "" if mode == "fwd" else memory_levels(
+                            held_fn(module, mode, x.detach().requires_grad_(), RES_ONLY.get(provider, "balanced")),
+                            device)[2]
                         sync(device)
-                        measured[provider] = (p50, p20, p80, peak)
+                        measured[provider] = (p50, p20, p80, peak, held)
                         print(f"  {name} T={T} r={r} {mode:7s} {provider:10s} {p50:9.3f} ms  peak {peak / 2**20:8.1f} MiB",
                               flush=True)
                     lora = measured.get("peft_lora", (None,))[0]
-                    for provider, (p50, p20, p80, peak) in measured.items():
+                    for provider, (p50, p20, p80, peak, held) in measured.items():
                         rows.append({"shape": name, "tokens": T, "r": r, "dtype": args.dtype, "mode": mode,
                                      "provider": provider, "p50_ms": round(p50, 3), "p20_ms": round(p20, 3),
                                      "p80_ms": round(p80, 3),
                                      "vs_peft_lora": round(p50 / lora, 3) if lora else "",
-                                     "peak_MiB": round(peak / 2**20, 1)})
+                                     "peak_MiB": round(peak / 2**20, 1),
+                                     "held_MiB": "" if held == "" else round(held / 2**20, 1)})
             del modules
     return rows, norm_rows
 
@@ -191,6 +207,8 @@ def summarize(rows: list[dict]) -> list[str]:
             if (shape, T, rank, mode, other) in by_key:
                 text += f", {label} / {provider} = {by_key[(shape, T, rank, mode, other)]['p50_ms'] / row['p50_ms']:.2f}x"
         text += f", peak {row['peak_MiB']} MiB vs LoRA {lora['peak_MiB']} MiB"
+        if row["held_MiB"] != "":
+            text += f", kept for backward {row['held_MiB']} MiB vs LoRA {lora['held_MiB']} MiB"
         lines.append(text)
     return lines
 
@@ -219,7 +237,7 @@ def main(argv=None):
     slug = device_slug(device) + ("-tiny" if args.tiny else "")
     write_results(os.path.join(args.out, f"{slug}.csv"), rows, meta)
     write_results(os.path.join(args.out, f"{slug}-weight-norm.csv"), norm_rows, meta)
-    columns = ["shape", "tokens", "r", "dtype", "mode", "provider", "p50_ms", "vs_peft_lora", "peak_MiB"]
+    columns = ["shape", "tokens", "r", "dtype", "mode", "provider", "p50_ms", "vs_peft_lora", "peak_MiB", "held_MiB"]
     report = [f"# dora_ext single-layer benchmark: {meta['device']}", "",
               ", ".join(f"{k}: {v}" for k, v in meta.items()), "",
               f"Command: `python benchmarks/bench_dora_linear.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
