@@ -178,6 +178,12 @@ def _dora_linear_setup(ctx, inputs, output):
     use_output = (need[6] and need[4] and bias is None and not ctx.dropout and _output_mode_applies()
                   and _is_real(magnitude) and not bool((magnitude == 0).any()))
     out_saved = _keep_output(ctx, output[0], use_output, x.shape[-1])
+    # "low" where the output cannot serve (a bias, dropout, m = 0): nothing [T, out] kept either; backward
+    # recomputes acc = x_src Wᵀ + s·u Bᵀ from what lora_A's gradient keeps anyway.
+    recompute = (not use_output and need[6] and need[4] and _ACTIVATIONS == "low" and not _saved_tensors_hooked()
+                 and _is_real(magnitude))
+    if recompute:
+        ctx.kept_output, ctx.kept = True, _NothingKept
     # Save only what the requested gradients read: x_src for lora_A, lora_u for lora_B, acc for the magnitude.
     ctx.save_for_backward(
         x_src if need[4] else None,
@@ -186,7 +192,7 @@ def _dora_linear_setup(ctx, inputs, output):
         lora_B,
         magnitude,
         weight_norm,
-        acc if need[6] and not use_output else out_saved,
+        acc if need[6] and not use_output and not recompute else out_saved,
         lora_u if need[5] else None,
     )
 
@@ -229,7 +235,8 @@ def set_activation_memory(mode: str) -> str:
         and backward recomputes acc with one [T, in]×[in, out] GEMM; elsewhere (down_proj) it is kept.
         Llama-style stack, CPU fp32: 1.04× PEFT LoRA's peak memory at 1.10× its step time.
     "output": always kept: no recompute; the layer then costs one [T, out] more than LoRA (1.20×, at 0.99×).
-    "low": always freed: LoRA's peak memory (1.00×), at 1.18× its step time.
+    "low": always freed: LoRA's peak memory (1.00×), at 1.18× its step time; and where the output cannot serve
+        (dora_linear with a bias or dropout, a zero magnitude) nothing [T, out] is kept either: acc is recomputed.
     "acc": the pre-scale sum acc itself, one [T, out] per layer (the behaviour before "output").
     Elsewhere acc is kept. Under saved-tensor hooks (non-reentrant activation checkpointing, offloading) the output
     is saved through them instead of being held, in every mode but "acc": checkpointing then drops it like any
@@ -291,6 +298,14 @@ def _output_mode_applies() -> bool:
     Non-reentrant checkpointing re-runs the forward in backward, outside the caller's activation_memory block, and
     the re-run must save the same tensors as the first run: under hooks the choice therefore never reads the mode."""
     return _ACTIVATIONS != "acc" or _saved_tensors_hooked()
+
+
+class _NothingKept:
+    """A layer's "low" stand-in for a kept output it cannot use (bias, dropout, m = 0): backward recomputes acc."""
+
+    @staticmethod
+    def get() -> None:
+        return None
 
 
 def _in_backward() -> bool:

@@ -80,6 +80,32 @@ def test_an_output_dead_in_the_forward_is_freed_as_the_mode_says(mode):
         assert (ours >= lora + tensor) if keeps else (ours <= lora + tensor // 8), (mode, in_f, out_f, ours, lora)
 
 
+@pytest.mark.parametrize("case", ["bias", "dropout"])
+def test_low_mode_keeps_no_activation_beyond_lora_where_the_output_cannot_serve(case):
+    """With a bias or dropout the output is not g ⊙ acc: the other modes keep acc (one [T, out]), "low" keeps
+    nothing of that size and recomputes acc in backward (gradients: test_fallbacks_keep_exact_magnitude_gradients)."""
+    x, W, b, A, B, m = make_dora_inputs(64, 96, 4, lead=(256,), requires_grad=True)
+    b = b if case == "bias" else None
+    tensor = x.shape[0] * W.shape[0] * x.element_size()
+    gen = torch.Generator().manual_seed(3)
+    mask = (torch.rand(x.shape, generator=gen) > 0.2).to(x.dtype) / 0.8  # one dropout mask for both forms
+
+    def lora(x, W, A, B, m, s):
+        xd = x if case == "bias" else x * mask
+        return F.linear(x, W, b) + F.linear(F.linear(xd, A), B) * s
+
+    def dora(x, W, A, B, m, s):
+        return ops.dora_linear(x, W, b, A, B, m, s, x_drop=None if case == "bias" else x * mask)
+
+    _, held_lora = _held(lora, F.silu, x, W, A, B, m)
+    for mode in MODES:
+        _, held = _held(dora, F.silu, x, W, A, B, m, mode=mode)
+        if mode == "low":
+            assert held <= held_lora + tensor // 8, (mode, held, held_lora, tensor)
+        else:
+            assert held >= held_lora + tensor, (mode, held, held_lora, tensor)
+
+
 class _CountBaseGemms(TorchDispatchMode):
     """Counts the [T, in]×[in, out] products: the recompute of x Wᵀ (the op's own backward is one custom-op call,
     whose inner products this mode does not see)."""
@@ -154,8 +180,9 @@ def test_output_modified_in_place_still_gives_exact_gradients(post, mode):
         assert_close(g, e, torch.float64, msg=f"{post}: grad {name}")
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", ["zero magnitude row", "bias", "dropout"])
-def test_fallbacks_keep_exact_magnitude_gradients(case):
+def test_fallbacks_keep_exact_magnitude_gradients(case, mode):
     x, W, b, A, B, m = make_dora_inputs(16, 24, 3, dtype=torch.float64, lead=(9,))
     if case == "zero magnitude row":
         m = m.clone()
@@ -164,8 +191,9 @@ def test_fallbacks_keep_exact_magnitude_gradients(case):
     if case != "bias":
         b = None
     x_drop = x * 0.5 if case == "dropout" else None
-    got = _grads(x, W, b, A, B, m, lambda y: y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).reshape(y.shape),
-                 x_drop=x_drop)
+    with ops.activation_memory(mode):
+        got = _grads(x, W, b, A, B, m, lambda y: y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).reshape(y.shape),
+                     x_drop=x_drop)
     xs, As, Bs, ms = as64(x, A, B, m)
     for t in (xs, As, Bs, ms):
         t.requires_grad_()
