@@ -269,8 +269,8 @@ class _KeptOutput:
 
     def __init__(self, out: Tensor, free_when_dead: bool):
         self.alias, self.version = out.detach(), out._version
-        if free_when_dead:
-            weakref.finalize(out, _KeptOutput._output_died, weakref.ref(self))
+        if free_when_dead:  # (not at interpreter exit: nothing to free for a backward that never comes)
+            weakref.finalize(out, _KeptOutput._output_died, weakref.ref(self)).atexit = False
 
     @staticmethod
     def _output_died(ref) -> None:
