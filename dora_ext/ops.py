@@ -175,15 +175,11 @@ def _dora_linear_setup(ctx, inputs, output):
     # It is held as a detached alias (same storage and version counter, no reference to the graph, so no cycle); if
     # the caller modifies the output in place (ReLU(inplace=True), y += r) the version moves and backward recomputes
     # acc with one GEMM instead of failing. Rows with m = 0 (out = 0 carries no acc) keep the saved acc.
-    use_output = (need[6] and need[4] and bias is None and not ctx.dropout and _output_mode_applies()
-                  and _is_real(magnitude) and not bool((magnitude == 0).any()))
-    out_saved = _keep_output(ctx, output[0], use_output, x.shape[-1])
-    # "low" where the output cannot serve (a bias, dropout, m = 0): nothing [T, out] kept either; backward
-    # recomputes acc = x_src Wᵀ + s·u Bᵀ from what lora_A's gradient keeps anyway.
-    recompute = (not use_output and need[6] and need[4] and _ACTIVATIONS == "low" and not _saved_tensors_hooked()
-                 and _is_real(magnitude))
-    if recompute:
-        ctx.kept_output, ctx.kept = True, _NothingKept
+    # Backward recomputes acc = x_src Wᵀ + s·u Bᵀ from what lora_A's gradient keeps anyway (x_src).
+    recomputable = need[4] and _is_real(magnitude)
+    acc_slot = _keep_for_magnitude(
+        ctx, need[6], output[0], acc, x.shape[-1], recomputable=recomputable,
+        serves=recomputable and bias is None and not ctx.dropout and not bool((magnitude == 0).any()))
     # Save only what the requested gradients read: x_src for lora_A, lora_u for lora_B, acc for the magnitude.
     ctx.save_for_backward(
         x_src if need[4] else None,
@@ -192,7 +188,7 @@ def _dora_linear_setup(ctx, inputs, output):
         lora_B,
         magnitude,
         weight_norm,
-        acc if need[6] and not use_output and not recompute else out_saved,
+        acc_slot,
         lora_u if need[5] else None,
     )
 
@@ -293,13 +289,6 @@ def _saved_tensors_hooked() -> bool:
     return top is not None and top(False) is not None
 
 
-def _output_mode_applies() -> bool:
-    """Whether the output may serve the magnitude gradient: not in "acc" mode, and always under saved-tensor hooks.
-    Non-reentrant checkpointing re-runs the forward in backward, outside the caller's activation_memory block, and
-    the re-run must save the same tensors as the first run: under hooks the choice therefore never reads the mode."""
-    return _ACTIVATIONS != "acc" or _saved_tensors_hooked()
-
-
 class _NothingKept:
     """A layer's "low" stand-in for a kept output it cannot use (bias, dropout, m = 0): backward recomputes acc."""
 
@@ -321,19 +310,34 @@ def _free_when_dead(in_features: int, out_features: int) -> bool:
     return _ACTIVATIONS == "low" or (_ACTIVATIONS == "balanced" and in_features <= out_features)
 
 
-def _keep_output(ctx, out: Tensor, use: bool, in_features: int = 0) -> Tensor | None:
-    """Keep the op's output for backward, if `use`: held on ctx (_KeptOutput) or, under saved-tensor hooks, returned
-    as a detached alias for the caller to save in acc's place (the hooks then drop or move it like any activation;
-    its version at this point is recorded, so an unpacked alias that was modified in place is not used)."""
-    ctx.kept_output = use
-    ctx.kept = ctx.out_version = None
-    if not use:
+def _keep_for_magnitude(ctx, needed: bool, out: Tensor, acc: Tensor, in_features: int, *, serves: bool,
+                        recomputable: bool, closure: bool = False) -> Tensor | None:
+    """Decide what backward gets for the magnitude gradient (set_activation_memory), if `needed`; returns what the
+    op saves in acc's slot. serves: out = g ⊙ acc (no bias, dropout or zero magnitude); recomputable: backward can rebuild acc;
+    closure: it would rebuild it through a Python closure holding x, which saved-tensor hooks cannot see.
+
+    The output serves when the mode allows it, and always under saved-tensor hooks: non-reentrant checkpointing
+    re-runs the forward in backward, outside the caller's activation_memory block, and the re-run must save the same
+    tensors, so there the choice never reads the mode. Under hooks the output goes into acc's slot (the hooks drop
+    or move it like any activation; its version is recorded, so an alias handed back modified in place is not
+    used); elsewhere it is held on ctx (_KeptOutput). In "low" a layer whose output cannot serve keeps nothing
+    [T, out] either where acc can be rebuilt. ctx.kept_output: backward calls _magnitude_operand."""
+    ctx.kept_output, ctx.kept, ctx.out_version = False, None, None
+    if not needed:
         return None
-    if _saved_tensors_hooked():
-        ctx.out_version = out._version
-        return out.detach()
-    ctx.kept = _KeptOutput(out, _free_when_dead(in_features, out.shape[-1]))
-    return None
+    hooked = _saved_tensors_hooked()
+    recomputable = recomputable and not (closure and hooked)
+    if serves and recomputable and (_ACTIVATIONS != "acc" or hooked):
+        ctx.kept_output = True
+        if hooked:
+            ctx.out_version = out._version
+            return out.detach()
+        ctx.kept = _KeptOutput(out, _free_when_dead(in_features, out.shape[-1]))
+        return None
+    if recomputable and _ACTIVATIONS == "low" and not hooked:
+        ctx.kept_output, ctx.kept = True, _NothingKept
+        return None
+    return acc
 
 
 def _magnitude_operand(ctx, saved: Tensor | None, x: Tensor | None, weight: Tensor | None, lora_A: Tensor | None,
@@ -435,15 +439,15 @@ def _dora_rescale_setup(ctx, inputs, output):
     # output was freed or modified in place. base_fn's closure holds x outside saved-tensor hooks, so under hooks
     # (checkpointing) that route keeps acc, which goes through them.
     base_fn = getattr(_pending, "base_fn", None)
-    use_output = (need[5] and base is None and bias is None and _output_mode_applies()
-                  and (x is not None or (base_fn is not None and not _saved_tensors_hooked()))
-                  and _is_real(magnitude) and not bool((magnitude == 0).any()))
-    out_saved = _keep_output(ctx, output[0], use_output,
-                             x.shape[-1] if x is not None else getattr(_pending, "in_features", 0))
-    ctx.base_fn = base_fn if use_output else None
-    ctx.save_for_backward(lora_u if need[4] or use_output else None, lora_B, magnitude, weight_norm,
-                          acc if need[5] and not use_output else out_saved, x if use_output else None,
-                          weight if use_output else None)
+    recomputable = base is None and (x is not None or base_fn is not None) and _is_real(magnitude)
+    acc_slot = _keep_for_magnitude(
+        ctx, need[5], output[0], acc, x.shape[-1] if x is not None else getattr(_pending, "in_features", 0),
+        serves=recomputable and bias is None and not bool((magnitude == 0).any()), recomputable=recomputable,
+        closure=x is None)
+    rebuild = ctx.kept_output  # backward may rebuild acc: it then needs lora_u and x, W (or base_fn)
+    ctx.base_fn = base_fn if rebuild else None
+    ctx.save_for_backward(lora_u if need[4] or rebuild else None, lora_B, magnitude, weight_norm, acc_slot,
+                          x if rebuild else None, weight if rebuild else None)
 
 
 def _dora_rescale_backward(ctx, grad_out, _grad_acc, *, _ns):

@@ -126,6 +126,12 @@ void lowrank_rowscale_(at::Tensor& W_inout, const at::Tensor& c_in, const at::Te
     });
 }
 
+// Rows per at::parallel_for task for the elementwise passes over [T, N]: about 32K elements, enough work per task
+// to amortise the scheduling, at least one row.
+static int64_t token_grain(int64_t N) {
+    return std::max<int64_t>(1, 32768 / std::max<int64_t>(N, 1));
+}
+
 void epilogue(at::Tensor& out, const at::Tensor& acc, const at::Tensor& g, const at::Tensor& bias) {
     const int64_t T = acc.size(0), N = acc.size(1);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, acc.scalar_type(), "dora_ext::epilogue", [&] {
@@ -134,7 +140,7 @@ void epilogue(at::Tensor& out, const at::Tensor& acc, const at::Tensor& g, const
         const auto* gp = g.const_data_ptr<opmath_t>();
         const scalar_t* bp = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
         auto* o = out.mutable_data_ptr<scalar_t>();
-        at::parallel_for(0, T, std::max<int64_t>(1, 32768 / std::max<int64_t>(N, 1)), [&](int64_t t0, int64_t t1) {
+        at::parallel_for(0, T, token_grain(N), [&](int64_t t0, int64_t t1) {
             for (int64_t t = t0; t < t1; ++t) {
                 const scalar_t* ar = a + t * N;
                 scalar_t* orow = o + t * N;
@@ -161,7 +167,7 @@ void epilogue_dropout(at::Tensor& base, at::Tensor& P, const at::Tensor& Q, cons
         const auto* gm1p = gm1.const_data_ptr<opmath_t>();
         const scalar_t* bp = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
         const auto sc = static_cast<opmath_t>(s);
-        at::parallel_for(0, T, std::max<int64_t>(1, 32768 / std::max<int64_t>(N, 1)), [&](int64_t t0, int64_t t1) {
+        at::parallel_for(0, T, token_grain(N), [&](int64_t t0, int64_t t1) {
             for (int64_t t = t0; t < t1; ++t) {
                 const int64_t row = t * N;
                 for (int64_t j = 0; j < N; ++j) {
@@ -242,7 +248,7 @@ void mixed_epilogue(at::Tensor& out, const at::Tensor& result, const at::Tensor&
         const auto* ord = order.const_data_ptr<int64_t>();
         const scalar_t* bp = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
         auto* o = out.mutable_data_ptr<scalar_t>();
-        at::parallel_for(0, T, std::max<int64_t>(1, 32768 / std::max<int64_t>(N, 1)), [&](int64_t p0, int64_t p1) {
+        at::parallel_for(0, T, token_grain(N), [&](int64_t p0, int64_t p1) {
             for (int64_t p = p0; p < p1; ++p) {
                 const int64_t t = ord[p], k = idx[t], row = t * N;
                 if (k == K) {
