@@ -174,12 +174,11 @@ def _dora_linear_setup(ctx, inputs, output):
     # next op saves it: SiLU, the gate product, attention's v): the forward then keeps no [T, out] tensor of its own.
     # It is held as a detached alias (same storage and version counter, no reference to the graph, so no cycle); if
     # the caller modifies the output in place (ReLU(inplace=True), y += r) the version moves and backward recomputes
-    # acc with one GEMM instead of failing. Rows with m = 0 (out = 0 carries no acc) keep the saved acc.
+    # acc with one GEMM instead of failing, as where a row has m = 0 (out = 0 there carries no acc; _ZeroFlag).
     # Backward recomputes acc = x_src Wᵀ + s·u Bᵀ from what lora_A's gradient keeps anyway (x_src).
     recomputable = need[4] and _is_real(magnitude)
-    acc_slot = _keep_for_magnitude(
-        ctx, need[6], output[0], acc, x.shape[-1], recomputable=recomputable,
-        serves=recomputable and bias is None and not ctx.dropout and not bool((magnitude == 0).any()))
+    acc_slot = _keep_for_magnitude(ctx, need[6], output[0], acc, x.shape[-1], magnitude, recomputable=recomputable,
+                                   serves=recomputable and bias is None and not ctx.dropout)
     # Save only what the requested gradients read: x_src for lora_A, lora_u for lora_B, acc for the magnitude.
     ctx.save_for_backward(
         x_src if need[4] else None,
@@ -223,16 +222,17 @@ ACTIVATION_MODES = ("balanced", "output", "low", "acc")
 
 def set_activation_memory(mode: str) -> str:
     """Choose what dora_linear and dora_rescale keep from forward to backward for the magnitude gradient
-    Σ_t δ ⊙ acc / n; returns the previous mode. Where the output can serve (no bias, no dropout, m ≠ 0: out = g ⊙ acc)
-    the op holds its own output, which costs nothing while a later op of the forward saves it too (SiLU, the gate
-    product); what differs is an output that dies during the forward (a residual add, rotary or a copy consumed it):
+    Σ_t δ ⊙ acc / n; returns the previous mode. Where the output can serve (no bias, no dropout: out = g ⊙ acc; a
+    zero in m makes backward recompute acc) the op holds its own output, which costs nothing while a later op of the
+    forward saves it too (SiLU, the gate product); what differs is an output that dies during the forward (a
+    residual add, rotary or a copy consumed it):
 
     "balanced" (default): it is freed where the recompute is cheap (in_features ≤ out_features: q/k/v/o, gate/up),
         and backward recomputes acc with one [T, in]×[in, out] GEMM; elsewhere (down_proj) it is kept.
         Llama-style stack, CPU fp32: 1.04× PEFT LoRA's peak memory at 1.10× its step time.
     "output": always kept: no recompute; the layer then costs one [T, out] more than LoRA (1.20×, at 0.99×).
     "low": always freed: LoRA's peak memory (1.00×), at 1.18× its step time; and where the output cannot serve
-        (dora_linear with a bias or dropout, a zero magnitude) nothing [T, out] is kept either: acc is recomputed.
+        (dora_linear with a bias or dropout) nothing [T, out] is kept either: acc is recomputed.
     "acc": the pre-scale sum acc itself, one [T, out] per layer (the behaviour before "output").
     Elsewhere acc is kept. Under saved-tensor hooks (non-reentrant activation checkpointing, offloading) the output
     is saved through them instead of being held, in every mode but "acc": checkpointing then drops it like any
@@ -289,8 +289,34 @@ def _saved_tensors_hooked() -> bool:
     return top is not None and top(False) is not None
 
 
+class _ZeroFlag:
+    """Whether the magnitude has a zero entry, computed in the forward without waiting for the device and read in
+    backward (a row with m = 0 has out = 0, which carries no acc: acc is then recomputed). bool() in the forward
+    would stop the host once per layer until the device caught up, emptying its queue; in backward the answer has
+    long been there. CUDA: the flag goes to pinned host memory by a non-blocking copy behind an event."""
+
+    __slots__ = ("flag", "event")
+
+    def __init__(self, magnitude: Tensor):
+        with torch.no_grad():
+            flag = (magnitude == 0).any()
+        self.event = None
+        if flag.device.type == "cuda":
+            host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+            flag = host
+        self.flag = flag
+
+    def get(self) -> bool:
+        if self.event is not None:
+            self.event.synchronize()
+        return bool(self.flag)
+
+
 class _NothingKept:
-    """A layer's "low" stand-in for a kept output it cannot use (bias, dropout, m = 0): backward recomputes acc."""
+    """A layer's "low" stand-in for a kept output it cannot use (bias, dropout): backward recomputes acc."""
 
     @staticmethod
     def get() -> None:
@@ -310,10 +336,11 @@ def _free_when_dead(in_features: int, out_features: int) -> bool:
     return _ACTIVATIONS == "low" or (_ACTIVATIONS == "balanced" and in_features <= out_features)
 
 
-def _keep_for_magnitude(ctx, needed: bool, out: Tensor, acc: Tensor, in_features: int, *, serves: bool,
-                        recomputable: bool, closure: bool = False) -> Tensor | None:
+def _keep_for_magnitude(ctx, needed: bool, out: Tensor, acc: Tensor, in_features: int, magnitude: Tensor, *,
+                        serves: bool, recomputable: bool, closure: bool = False) -> Tensor | None:
     """Decide what backward gets for the magnitude gradient (set_activation_memory), if `needed`; returns what the
-    op saves in acc's slot. serves: out = g ⊙ acc (no bias, dropout or zero magnitude); recomputable: backward can rebuild acc;
+    op saves in acc's slot. serves: out = g ⊙ acc (no bias, no dropout) where m ≠ 0, which backward learns from
+    _ZeroFlag (a row with m = 0 has out = 0: acc is then recomputed); recomputable: backward can rebuild acc;
     closure: it would rebuild it through a Python closure holding x, which saved-tensor hooks cannot see.
 
     The output serves when the mode allows it, and always under saved-tensor hooks: non-reentrant checkpointing
@@ -322,13 +349,13 @@ def _keep_for_magnitude(ctx, needed: bool, out: Tensor, acc: Tensor, in_features
     or move it like any activation; its version is recorded, so an alias handed back modified in place is not
     used); elsewhere it is held on ctx (_KeptOutput). In "low" a layer whose output cannot serve keeps nothing
     [T, out] either where acc can be rebuilt. ctx.kept_output: backward calls _magnitude_operand."""
-    ctx.kept_output, ctx.kept, ctx.out_version = False, None, None
+    ctx.kept_output, ctx.kept, ctx.out_version, ctx.zero_magnitude = False, None, None, None
     if not needed:
         return None
     hooked = _saved_tensors_hooked()
     recomputable = recomputable and not (closure and hooked)
     if serves and recomputable and (_ACTIVATIONS != "acc" or hooked):
-        ctx.kept_output = True
+        ctx.kept_output, ctx.zero_magnitude = True, _ZeroFlag(magnitude)
         if hooked:
             ctx.out_version = out._version
             return out.detach()
@@ -343,11 +370,12 @@ def _keep_for_magnitude(ctx, needed: bool, out: Tensor, acc: Tensor, in_features
 def _magnitude_operand(ctx, saved: Tensor | None, x: Tensor | None, weight: Tensor | None, lora_A: Tensor | None,
                        lora_B: Tensor, lora_u: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, bool]:
     """(the [T, out] operand of the magnitude gradient, whether it is the output): the kept output (held on ctx,
-    or `saved` through saved-tensor hooks) if it is still there and unmodified, else acc = x Wᵀ + s·(x Aᵀ) Bᵀ recomputed in `dtype` as the forward computed it (x Wᵀ by
-    ctx.base_fn where the base layer has no dense weight)."""
+    or `saved` through saved-tensor hooks) if it is still there and unmodified and m has no zero, else
+    acc = x Wᵀ + s·(x Aᵀ) Bᵀ recomputed in `dtype` as the forward computed it (x Wᵀ by ctx.base_fn where the base
+    layer has no dense weight)."""
     out = ctx.kept.get() if ctx.kept is not None else (
         saved if saved is not None and saved._version == ctx.out_version else None)
-    if out is not None:
+    if out is not None and not (ctx.zero_magnitude is not None and ctx.zero_magnitude.get()):
         return out.reshape(-1, out.shape[-1]), True
     if weight is None:
         with torch.no_grad():
@@ -442,8 +470,7 @@ def _dora_rescale_setup(ctx, inputs, output):
     recomputable = base is None and (x is not None or base_fn is not None) and _is_real(magnitude)
     acc_slot = _keep_for_magnitude(
         ctx, need[5], output[0], acc, x.shape[-1] if x is not None else getattr(_pending, "in_features", 0),
-        serves=recomputable and bias is None and not bool((magnitude == 0).any()), recomputable=recomputable,
-        closure=x is None)
+        magnitude, serves=recomputable and bias is None, recomputable=recomputable, closure=x is None)
     rebuild = ctx.kept_output  # backward may rebuild acc: it then needs lora_u and x, W (or base_fn)
     ctx.base_fn = base_fn if rebuild else None
     ctx.save_for_backward(lora_u if need[4] or rebuild else None, lora_B, magnitude, weight_norm, acc_slot,

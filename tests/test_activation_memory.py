@@ -7,6 +7,8 @@ alternatives; under saved-tensor hooks (activation checkpointing) acc goes throu
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -186,7 +188,7 @@ def test_fallbacks_keep_exact_magnitude_gradients(case, mode):
     x, W, b, A, B, m = make_dora_inputs(16, 24, 3, dtype=torch.float64, lead=(9,))
     if case == "zero magnitude row":
         m = m.clone()
-        m[5] = 0.0  # out = 0 there carries no acc: the saved acc is used
+        m[5] = 0.0  # out = 0 there carries no acc: backward learns it (ops._ZeroFlag) and recomputes acc
         b = None
     if case != "bias":
         b = None
@@ -278,6 +280,60 @@ def test_every_mode_gives_exact_gradients_whether_the_output_lives_or_dies(op, c
     post(ref.dora_linear(rs[0], W, None, *rs[1:], 0.7, eps=ops.NORM_EPS)).backward()
     for a, e, name in zip(ts, rs, "x A B m".split()):
         assert_close(a.grad, e.grad, torch.float64, msg=f"{op}, {consumer}, {mode}: grad {name}")
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts the ops that copy a tensor's value to the host (bool(t), t.item()): on a GPU each one stops the host
+    until the device has caught up."""
+
+    READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default, torch.ops.aten.item.default}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.reads += func in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("op", ["dora_linear", "dora_rescale"])
+def test_training_forward_reads_nothing_back_to_the_host(op, mode, device):
+    """Whether m has a zero (where out = g ⊙ acc cannot serve) is decided in backward, from a flag the forward
+    computes on the device: the forward itself never waits for the device."""
+    x, W, A, B, m = (t.to(device) for t in _rescale_inputs())
+    ts = [t.clone().requires_grad_() for t in (x, A, B, m)]
+    counter = _HostReads()
+    with ops.activation_memory(mode), counter:
+        y = ops.dora_linear(ts[0], W, None, *ts[1:], 0.7) if op == "dora_linear" else _rescale(ts[0], W, *ts[1:])
+    assert counter.reads == 0
+    y.sum().backward()
+
+
+@pytest.mark.parametrize("hooked", [False, True], ids=["plain", "saved_tensor_hooks"])
+@pytest.mark.parametrize("consumer", list(CONSUMERS))
+@pytest.mark.parametrize("op", ["dora_linear", "dora_rescale"])
+def test_zero_magnitude_rows_give_exact_gradients_whether_the_output_lives_or_dies(op, consumer, hooked, device):
+    """m = 0 in some rows: out = 0 there carries no acc, so backward recomputes it rather than using the output
+    (CUDA: the flag read back through pinned memory)."""
+    x, W, A, B, m = (t.to(device) for t in _rescale_inputs())
+    m = m.clone()
+    m[[2, 7]] = 0.0
+    forward = (lambda xs, As, Bs, ms: ops.dora_linear(xs, W, None, As, Bs, ms, 0.7)) if op == "dora_linear" else \
+        (lambda xs, As, Bs, ms: _rescale(xs, W, As, Bs, ms))
+    post = lambda y: (CONSUMERS[consumer](y) * torch.linspace(-1, 1, y.numel(), dtype=y.dtype,  # noqa: E731
+                                                              device=y.device).reshape(y.shape)).sum()
+    hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t) if hooked else contextlib.nullcontext()
+    ts = [t.clone().requires_grad_() for t in (x, A, B, m)]
+    with hooks:
+        loss = post(forward(*ts))
+    loss.backward()
+    rs = [t.clone().requires_grad_() for t in (x, A, B, m)]
+    post(ref.dora_linear(rs[0], W, None, *rs[1:], 0.7, eps=ops.NORM_EPS)).backward()
+    assert ts[3].grad[[2, 7]].abs().min() > 0  # the rows with m = 0 do get a magnitude gradient
+    for a, e, name in zip(ts, rs, "x A B m".split()):
+        assert_close(a.grad, e.grad, torch.float64, msg=f"{op}, {consumer}: grad {name}")
 
 
 def test_activation_memory_modes_are_validated():
