@@ -12,6 +12,7 @@ bits differ can move an element by an lr-sized amount the other way.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -77,6 +78,11 @@ def train(rank: int, world: int, mode: str, out_dir: str, port: int) -> None:
     if rank == 0:
         (out / "losses.json").write_text(json.dumps(losses))
     if world > 1:
+        # DDP's reducer holds the process group (and gloo's worker threads) alive past destroy_process_group; left
+        # to interpreter shutdown, gloo's threads can be torn down with it and abort the worker ("terminate called
+        # without an active exception", seen once in ~20 runs). Drop it first, while the interpreter is whole.
+        del wrapped
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 
