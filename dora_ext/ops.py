@@ -1,5 +1,7 @@
 """The op layer over torch.ops.dora_ext: per op a thin wrapper, a fake (shape) kernel and, where differentiable, an
-autograd registration, so eager mode, torch.compile(fullgraph=True) and torch.library.opcheck all work.
+autograd registration, so eager mode, torch.compile(fullgraph=True) and torch.library.opcheck all work. In eager
+mode the dora_linear and dora_rescale wrappers run that registration's setup_context and backward through
+eager_autograd.call (a torch.autograd.Function around the op: less host time per call than torch.library's wrapper).
 
 Shapes: x[..., in], weight[out, in], bias[out], lora_A[r, in], lora_B[out, r], magnitude[out].
 The weight norm ‖W + s·B·A‖_row is a constant for autograd (DoRA, Liu et al. 2024, §4.3; PEFT detaches it too).
@@ -12,6 +14,7 @@ with autocast off, so dispatch never re-casts what the kernels chose.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
 import weakref
@@ -19,6 +22,8 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+
+from . import eager_autograd
 
 __all__ = ["weight_norm", "weight_norm_4bit", "weight_norm_int8", "dora_linear", "dora_rescale", "dora_mixed", "merge_", "unmerge_", "NORM_EPS", "accum_dtype",
            "set_activation_memory", "activation_memory", "ACTIVATION_MODES"]
@@ -136,7 +141,8 @@ def dora_linear(
         if weight_norm is None:
             with torch.no_grad():  # a constant (DoRA §4.3): no autograd node, no setup_context per call
                 weight_norm = _ops.weight_norm(weight, lora_A, lora_B, float(scaling))
-        out, _, _ = _ops.dora_linear(x, x_drop, weight, bias, lora_A, lora_B, magnitude, weight_norm, float(scaling))
+        out, _, _ = eager_autograd.call(*_EAGER[_ops.name]["dora_linear"], x, x_drop, weight, bias, lora_A, lora_B,
+                                        magnitude, weight_norm, float(scaling))
     return out
 
 
@@ -299,8 +305,7 @@ class _ZeroFlag:
     __slots__ = ("flag", "event")
 
     def __init__(self, magnitude: Tensor):
-        with torch.no_grad():
-            flag = (magnitude == 0).any()
+        flag = (magnitude == 0).any()  # (a comparison: never part of the graph)
         self.event = None
         if flag.device.type == "cuda":
             host = torch.empty((), dtype=torch.bool, pin_memory=True)
@@ -429,8 +434,8 @@ def dora_rescale(result: Tensor, lora_u: Tensor, lora_B: Tensor, magnitude: Tens
         _pending.base_fn, _pending.in_features, x = base_fn, x.shape[-1], None
     try:
         with autocast_off(result):
-            out, _ = _ops.dora_rescale(result, base, bias, lora_u, lora_B, magnitude, weight_norm, float(scaling),
-                                       x, weight)
+            out, _ = eager_autograd.call(*_EAGER[_ops.name]["dora_rescale"], result, base, bias, lora_u, lora_B,
+                                         magnitude, weight_norm, float(scaling), x, weight)
     finally:
         _pending.base_fn = None
     return out
@@ -569,13 +574,16 @@ def register_namespace(ns: str) -> None:
         torch.library.register_fake(f"{ns}::{name}", globals()[f"_{name}_fake"])
     for name in ("weight_norm", "weight_norm_4bit", "weight_norm_int8"):  # constants: no gradient to anything
         torch.library.register_autograd(f"{ns}::{name}", _weight_norm_backward, setup_context=_weight_norm_setup)
-    torch.library.register_autograd(
-        f"{ns}::dora_linear", lambda ctx, *g: _dora_linear_backward(ctx, *g, _ns=ops_ns),
-        setup_context=_dora_linear_setup)
-    torch.library.register_autograd(
-        f"{ns}::dora_rescale", lambda ctx, *g: _dora_rescale_backward(ctx, *g, _ns=ops_ns),
-        setup_context=_dora_rescale_setup)
+    _EAGER[ns] = {}
+    for name, setup, backward in (("dora_linear", _dora_linear_setup, _dora_linear_backward),
+                                  ("dora_rescale", _dora_rescale_setup, _dora_rescale_backward)):
+        bound = functools.partial(backward, _ns=ops_ns)
+        torch.library.register_autograd(f"{ns}::{name}", bound, setup_context=setup)
+        _EAGER[ns][name] = (getattr(ops_ns, name).default, setup, bound)  # eager_autograd.call: the same functions
     torch.library.register_autograd(f"{ns}::dora_mixed", _dora_mixed_backward, setup_context=_dora_mixed_setup)
 
+
+#: per namespace and differentiable op: (op overload, setup_context, backward) for eager_autograd.call
+_EAGER: dict[str, dict[str, tuple]] = {}
 
 register_namespace("dora_ext")
