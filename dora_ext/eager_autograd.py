@@ -51,3 +51,15 @@ def call(op, setup: Callable, backward: Callable, *inputs):
             and all(_plain(t) for t in inputs)):
         return _OpFunction.apply(*inputs, (op, setup, backward))
     return op(*inputs)
+
+
+def constant(op, *inputs):
+    """op(*inputs) for an op that is never differentiated (the norms), dispatched straight below autograd: no
+    autograd node, and no pass through torch.library's Python autograd kernel, which even under no_grad redispatches
+    in Python (one 64×64 weight_norm call on the 2-core EPYC: 28–36 µs through it, 16–20 µs under no_grad, 10 µs
+    here). Under torch.compile tracing: the registered op under no_grad."""
+    if torch.compiler.is_compiling():
+        with torch.no_grad():
+            return op(*inputs)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*inputs)

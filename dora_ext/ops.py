@@ -55,8 +55,8 @@ def weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) 
 
     Computed in one streaming pass over W without materialising the [out, in] sum; never differentiated.
     """
-    with autocast_off(weight), torch.no_grad():  # never differentiated: skip the autograd wrapper's Python work
-        return _ops.weight_norm(weight, lora_A, lora_B, float(scaling))
+    with autocast_off(weight):
+        return eager_autograd.constant(_ops.weight_norm, weight, lora_A, lora_B, float(scaling))
 
 
 def accum_dtype(*tensors: Tensor | None) -> torch.dtype:
@@ -88,17 +88,17 @@ def weight_norm_4bit(packed: Tensor, absmax: Tensor, code: Tensor, blocksize: in
     `dtype` (the QuantState's dtype) first, as bitsandbytes' dequantize_4bit does. float32 (float64 adapters: float64).
     row_group=32: the codes are in bitsandbytes' CPU layout (csrc/quantized_weights.h), absmax in the standard order.
     dora_ext.quantized.weight_norm takes the bitsandbytes layer itself."""
-    with autocast_off(packed), torch.no_grad():
-        return _ops.weight_norm_4bit(packed, absmax, code, int(blocksize), absmax_code, absmax_scale, absmax_offset,
-                                     int(absmax_blocksize), int(shape[0]), int(shape[1]), dtype, lora_A, lora_B,
-                                     float(scaling), int(row_group))
+    with autocast_off(packed):
+        return eager_autograd.constant(_ops.weight_norm_4bit, packed, absmax, code, int(blocksize), absmax_code,
+                                       absmax_scale, absmax_offset, int(absmax_blocksize), int(shape[0]),
+                                       int(shape[1]), dtype, lora_A, lora_B, float(scaling), int(row_group))
 
 
 def weight_norm_int8(weight: Tensor, row_scale: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
     """Row norms ‖W + s·B·A‖₂ → [out] of a bitsandbytes LLM.int8 weight W = CB · SCB / 127 (weight: CB int8
     [out, in], row_scale: SCB float32 [out]), without a dequantized copy."""
-    with autocast_off(weight), torch.no_grad():
-        return _ops.weight_norm_int8(weight, row_scale, lora_A, lora_B, float(scaling))
+    with autocast_off(weight):
+        return eager_autograd.constant(_ops.weight_norm_int8, weight, row_scale, lora_A, lora_B, float(scaling))
 
 
 def _weight_norm_4bit_fake(packed, absmax, code, blocksize, absmax_code, absmax_scale, absmax_offset,
@@ -139,8 +139,7 @@ def dora_linear(
         bias = None if bias is None else bias.to(dt)
     with autocast_off(x):
         if weight_norm is None:
-            with torch.no_grad():  # a constant (DoRA §4.3): no autograd node, no setup_context per call
-                weight_norm = _ops.weight_norm(weight, lora_A, lora_B, float(scaling))
+            weight_norm = eager_autograd.constant(_ops.weight_norm, weight, lora_A, lora_B, float(scaling))
         out, _, _ = eager_autograd.call(*_EAGER[_ops.name]["dora_linear"], x, x_drop, weight, bias, lora_A, lora_B,
                                         magnitude, weight_norm, float(scaling))
     return out

@@ -78,3 +78,12 @@ def test_without_gradients_the_op_runs_directly():
     x.requires_grad_()
     with torch.no_grad():
         assert ops.dora_linear(x, W, b, A, B, m, 0.5).grad_fn is None
+
+
+def test_norms_are_dispatched_below_autograd_with_the_registered_ops_values(device):
+    """ops.weight_norm runs the op straight below autograd (eager_autograd.constant): the registered op's value,
+    no graph node, whatever requires grad."""
+    x, W, b, A, B, m = make_dora_inputs(24, 40, 4, device=device, requires_grad=True)
+    got = ops.weight_norm(W, A, B, 0.7)
+    assert got.grad_fn is None and not got.requires_grad
+    assert torch.equal(got, _ops.weight_norm(W, A, B, 0.7))
