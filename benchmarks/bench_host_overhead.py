@@ -13,7 +13,6 @@ the device keeps up. Results go to benchmarks/results/host-overhead-<device>.{cs
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 import warnings
@@ -21,23 +20,11 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import dora_ext  # noqa: E402
+from bench_model import build  # noqa: E402
 from bench_utils import device_slug, interleaved_ms, markdown_table, metadata, write_results  # noqa: E402
 
 PROVIDERS = ("peft_lora", "peft_dora", "dora_ext", "peft_dora_fused")
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-def build(provider: str, dim: int, r: int, device) -> torch.nn.Module:
-    import peft
-
-    torch.manual_seed(0)
-    base = torch.nn.Sequential(torch.nn.Linear(dim, dim, bias=False)).to(device)
-    if provider == "dora_ext":
-        return dora_ext.inject(base, dora_ext.DoRAConfig(r=r, alpha=2 * r, target_modules=["0"]))
-    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"], use_dora=provider != "peft_lora")
-    model = peft.get_peft_model(copy.deepcopy(base), cfg)
-    return dora_ext.from_peft(model) if provider == "peft_dora_fused" else model
 
 
 def main(argv=None) -> None:
@@ -55,7 +42,9 @@ def main(argv=None) -> None:
     if device.type == "cpu":
         torch.set_num_threads(1)  # the host's own cost, not OpenMP's start-up on 8×64 operands
     x = torch.randn(args.tokens, args.dim, device=device, requires_grad=True)
-    layers = {prov: build(prov, args.dim, args.r, device).train() for prov in PROVIDERS}
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(args.dim, args.dim, bias=False)).to(device)
+    layers = {prov: build(prov, base, args.r, target_modules=["0"]).train() for prov in PROVIDERS}
 
     def repeat(fn):
         def run():

@@ -41,13 +41,14 @@ PROVIDERS = ("peft_lora", "peft_dora", "dora_ext", "dora_ext_output", "dora_ext_
 MODES = {"dora_ext_output": "output", "dora_ext_low": "low"}  # activation memory per provider (default "balanced")
 
 
-def build(provider: str, base, r: int):
+def build(provider: str, base, r: int, target_modules="all-linear"):
+    """A fresh copy of `base` (a model, or a loader) with `provider`'s adapters on `target_modules`."""
     import peft
 
-    model = copy.deepcopy(base) if isinstance(base, torch.nn.Module) else base()  # a model, or a loader
+    model = copy.deepcopy(base) if isinstance(base, torch.nn.Module) else base()
     if provider.startswith("dora_ext"):
-        return dora_ext.inject(model, dora_ext.DoRAConfig(r=r, alpha=2 * r, target_modules="all-linear"))
-    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", use_dora=provider != "peft_lora")
+        return dora_ext.inject(model, dora_ext.DoRAConfig(r=r, alpha=2 * r, target_modules=target_modules))
+    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=target_modules, use_dora=provider != "peft_lora")
     model = peft.get_peft_model(model, cfg)
     return dora_ext.from_peft(model) if provider == "peft_dora_fused" else model
 

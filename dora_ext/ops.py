@@ -382,12 +382,12 @@ def _magnitude_operand(ctx, saved: Tensor | None, x: Tensor | None, weight: Tens
         saved if saved is not None and saved._version == ctx.out_version else None)
     if out is not None and not (ctx.zero_magnitude is not None and ctx.zero_magnitude.get()):
         return out.reshape(-1, out.shape[-1]), True
+    x2 = None if x is None else x.reshape(-1, x.shape[-1]).to(dtype)
     if weight is None:
         with torch.no_grad():
             base = ctx.base_fn()
         base = base.reshape(-1, base.shape[-1]).to(dtype)
     else:
-        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         base = x2 @ weight.to(dtype).T
     u = lora_u if lora_u is not None else x2 @ lora_A.to(dtype).T
     return torch.addmm(base, u.to(dtype), lora_B.to(dtype).T, alpha=ctx.scaling), False
