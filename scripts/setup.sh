@@ -5,6 +5,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
+# A new .venv takes ~6.5 GB (torch's CUDA 13.0 build) and the build ~0.3 GB: say so plainly instead of dying in pip
+# with "No space left on device" halfway through an install.
+need_gb=8
+if [ ! -x .venv/bin/python ]; then
+    free_gb=$(( $(df -Pk . | awk 'NR == 2 {print $4}') / 1024 / 1024 ))
+    if [ "$free_gb" -lt "$need_gb" ]; then
+        echo "setup.sh: a new .venv needs about $need_gb GB free on $(df -P . | awk 'NR == 2 {print $6}'), found $free_gb GB" >&2
+        exit 1
+    fi
+fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 export PATH="$PWD/.venv/bin:$PATH"  # ninja from the venv, for parallel compiles
 python -m pip install -q --upgrade pip
