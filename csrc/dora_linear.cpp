@@ -105,8 +105,10 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor, OptTensor> dor
     const auto x_shape = with_last_dim(grad_out.sizes(), in_f);
     // s is folded into the small [T, r] operands (z and u) rather than applied to GEMM outputs, so each gradient
     // is rounded once to x's dtype: a second rounding doubles the float16/bfloat16 error of dA and dB.
+    // Each product by s is the GEMM's alpha (beta = 0: the uninitialised destination is never read): one op and
+    // one rounding instead of a GEMM and a scaling pass.
     at::Tensor zs;  // s·(g ⊙ δ) B, [T, r]
-    if (need_A || need_xd || (need_x && !dropout)) zs = at::mm(red.grad_scaled, B).mul_(scaling);
+    if (need_A || need_xd || (need_x && !dropout)) zs = scaled_mm(red.grad_scaled, B, scaling);
     if (!dropout) {
         if (need_x) gx = at::mm(red.grad_scaled, weight).addmm_(zs, A).view(x_shape);
     } else {
@@ -114,13 +116,8 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor, OptTensor> dor
         if (need_xd) gxd = at::mm(red.grad_scaled_m1, weight).addmm_(zs, A).view(x_shape);
     }
     if (need_A) gA = at::mm(zs.t(), x_src->reshape({T, in_f})).to(lora_A.scalar_type());
-    if (need_B) gB = at::mm(red.grad_scaled.t(), *lora_u * scaling).to(lora_B.scalar_type());
-    // When acc is the output (out = g ⊙ acc, g = m / n): Σ δ ⊙ acc / n = Σ δ ⊙ out / (g·n) = Σ δ ⊙ out / m, which
-    // needs m ≠ 0 (the caller passes the output only then).
-    if (need_m) {
-        gm = (acc_is_output ? red.dot / magnitude.to(red.dot.scalar_type()) : red.dot / gn.n)
-                 .to(magnitude.scalar_type());
-    }
+    if (need_B) gB = scaled_mm(red.grad_scaled.t(), *lora_u, scaling).to(lora_B.scalar_type());
+    if (need_m) gm = magnitude_grad(red, gn, magnitude, acc_is_output);
     if (need_bias) gb = red.colsum.to(dtype);
     return {gx, gxd, gA, gB, gm, gb};
 }

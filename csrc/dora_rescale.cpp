@@ -105,13 +105,9 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor> dora_rescale_b
     OptTensor g_result, g_base, g_u, g_B, g_m;
     if (need_result) g_result = red.grad_scaled.view(grad_out.sizes());
     if (need_base) g_base = red.grad_scaled_m1.view(grad_out.sizes());
-    if (need_u) g_u = at::mm(red.grad_scaled, lora_B.to(dtype)).mul_(scaling).view(with_last_dim(grad_out.sizes(), r));
-    if (need_B) g_B = at::mm(red.grad_scaled.t(), *lora_u * scaling).to(lora_B.scalar_type());
-    // acc_is_output: acc is the output itself, out = g ⊙ acc, so Σ δ ⊙ acc / n = Σ δ ⊙ out / m (m ≠ 0: ops.py)
-    if (need_m) {
-        g_m = (acc_is_output ? red.dot / magnitude.to(red.dot.scalar_type()) : red.dot / gn.n)
-                  .to(magnitude.scalar_type());
-    }
+    if (need_u) g_u = scaled_mm(red.grad_scaled, lora_B.to(dtype), scaling).view(with_last_dim(grad_out.sizes(), r));
+    if (need_B) g_B = scaled_mm(red.grad_scaled.t(), *lora_u, scaling).to(lora_B.scalar_type());
+    if (need_m) g_m = magnitude_grad(red, gn, magnitude, acc_is_output);
     return {g_result, g_base, g_u, g_B, g_m};
 }
 

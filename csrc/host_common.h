@@ -50,6 +50,13 @@ inline Gains gains(const at::Tensor& magnitude, const at::Tensor& weight_norm, a
     return out;
 }
 
+// s·(a b) as one GEMM: alpha = s, beta = 0 (BLAS and ATen's addmm never read the destination then, so it may be
+// uninitialised). Rounded once, where mm(a, b).mul_(s) rounds twice and runs a second pass.
+inline at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& b, double s) {
+    auto out = at::empty({a.size(0), b.size(1)}, a.options());
+    return out.addmm_(a, b, /*beta=*/0.0, /*alpha=*/s);
+}
+
 inline std::vector<int64_t> with_last_dim(at::IntArrayRef sizes, int64_t last) {
     auto v = sizes.vec();
     v.back() = last;
@@ -102,6 +109,15 @@ inline BackwardReduce run_backward_reduce(const at::Tensor& grad2, const Gains& 
         if (red.colsum.defined()) red.colsum.zero_();
     }
     return red;
+}
+
+// The magnitude gradient Σ_t δ ⊙ acc / n from the reduction's dot, in the magnitude's dtype. When acc is the
+// output (acc_is_output: out = g ⊙ acc, g = m / n), Σ δ ⊙ acc / n = Σ δ ⊙ out / (g·n) = Σ δ ⊙ out / m, which needs
+// m ≠ 0 (ops.py passes the output only then).
+inline at::Tensor magnitude_grad(const BackwardReduce& red, const Gains& gn, const at::Tensor& magnitude,
+                                 bool acc_is_output) {
+    const auto& denominator = acc_is_output ? magnitude.to(red.dot.scalar_type()) : gn.n;
+    return (red.dot / denominator).to(magnitude.scalar_type());
 }
 
 }  // namespace dora_ext

@@ -37,18 +37,20 @@ class _OpFunction(torch.autograd.Function):
         return (*ctx.op_backward(ctx, *grads), None)
 
 
-def _plain(t) -> bool:
-    """Not a tensor, or a tensor without subclass or functionalization wrapper (what the fast path may see)."""
-    if not isinstance(t, Tensor):
-        return True
-    return type(t) in (Tensor, nn.Parameter) and not torch._is_functional_tensor(t)
+#: tensor types the fast path takes as they are; anything else (tensor subclasses, FakeTensor, FunctionalTensor,
+#: DTensor) goes through the registered op, whose dispatch knows them
+PLAIN_TYPES = (Tensor, nn.Parameter)
 
 
 def call(op, setup: Callable, backward: Callable, *inputs):
     """op(*inputs) with gradients: through `_OpFunction` in eager mode when some input requires grad, else the
-    registered op itself (no gradients needed; torch.compile tracing; tensor subclasses and fake tensors)."""
-    if (torch.is_grad_enabled() and not torch.compiler.is_compiling() and torch._C._any_requires_grad(*inputs)
-            and all(_plain(t) for t in inputs)):
+    registered op itself (no gradients needed; torch.compile tracing; tensor subclasses, fake tensors and tensors
+    under functionalization, whose wrapper is a plain-typed Tensor)."""
+    # (is_compiling first: dynamo cannot trace _any_requires_grad)
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling() and torch._C._any_requires_grad(*inputs):
+        for t in inputs:  # (a loop, not all(genexpr): this runs once per layer call)
+            if isinstance(t, Tensor) and (type(t) not in PLAIN_TYPES or torch._is_functional_tensor(t)):
+                return op(*inputs)
         return _OpFunction.apply(*inputs, (op, setup, backward))
     return op(*inputs)
 

@@ -25,10 +25,15 @@ class NormCache:
     def __init__(self):
         self._slots: dict[str, tuple[tuple, Tensor]] = {}
 
-    def norm(self, slot: str, tensors: Sequence[Tensor], scaling: float, training: bool,
-             compute: Callable[[], Tensor]) -> Tensor:
-        """The norm of adapter `slot`: cached in eval, computed (by `compute`) otherwise."""
-        if training or torch.compiler.is_compiling() or any(t.is_inference() for t in tensors):
+    def norm(self, slot: str, tensors: Sequence[Tensor] | Callable[[], Sequence[Tensor]], scaling: float,
+             training: bool, compute: Callable[[], Tensor]) -> Tensor:
+        """The norm of adapter `slot`: cached in eval, computed (by `compute`) otherwise. tensors: the key's tensors,
+        or a function returning them (then called only in eval: a training forward pays nothing for the key)."""
+        if training or torch.compiler.is_compiling():
+            return compute()
+        if callable(tensors):
+            tensors = tensors()
+        if any(t.is_inference() for t in tensors):
             return compute()
         key = tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors) + (scaling,)
         hit = self._slots.get(slot)

@@ -216,9 +216,13 @@ def _dora_linear_backward(ctx, grad_out, _grad_acc, _grad_u, *, _ns):
 def _is_real(t: Tensor) -> bool:
     """A tensor with data (not traced by torch.compile / AOT dispatch, where data-dependent checks and aliases on
     ctx do not apply: there the saved acc is used)."""
+    if torch.compiler.is_compiling():
+        return False
+    if type(t) in eager_autograd.PLAIN_TYPES:  # (FakeTensor is a subclass: is_fake costs ~3 µs per call)
+        return True
     from torch._subclasses.fake_tensor import is_fake
 
-    return not torch.compiler.is_compiling() and not is_fake(t)
+    return not is_fake(t)
 
 
 #: What the fused ops keep for the magnitude gradient's [T, out] operand (set_activation_memory).
@@ -301,23 +305,26 @@ class _ZeroFlag:
     would stop the host once per layer until the device caught up, emptying its queue; in backward the answer has
     long been there. CUDA: the flag goes to pinned host memory by a non-blocking copy behind an event."""
 
-    __slots__ = ("flag", "event")
+    __slots__ = ("nonzero", "numel", "event")
 
     def __init__(self, magnitude: Tensor):
-        flag = (magnitude == 0).any()  # (a comparison: never part of the graph)
-        self.event = None
-        if flag.device.type == "cuda":
-            host = torch.empty((), dtype=torch.bool, pin_memory=True)
-            host.copy_(flag, non_blocking=True)
+        # The count of non-zero entries, compared on the host in get(): count_nonzero is one op (on the CPU ~1 µs
+        # against 4.5 µs for (m == 0).any()); NaN counts as non-zero and -0.0 as zero, as for m == 0.
+        nonzero = torch.count_nonzero(magnitude.detach())
+        self.numel, self.event = magnitude.numel(), None
+        if nonzero.device.type == "cuda":
+            host = torch.empty((), dtype=nonzero.dtype, pin_memory=True)
+            host.copy_(nonzero, non_blocking=True)
             self.event = torch.cuda.Event()
             self.event.record()
-            flag = host
-        self.flag = flag
+            nonzero = host
+        self.nonzero = nonzero
 
     def get(self) -> bool:
+        """Whether the magnitude has a zero entry."""
         if self.event is not None:
             self.event.synchronize()
-        return bool(self.flag)
+        return int(self.nonzero) < self.numel
 
 
 class _NothingKept:

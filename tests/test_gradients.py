@@ -107,3 +107,22 @@ def test_magnitude_and_bias_gradients_are_deterministic(device):
     expected_dm = (grad.double() * acc.double()).sum(0) / norm.double()
     assert_close(first[0], expected_dm, torch.float32)
     assert_close(first[1], grad.double().sum(0), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("transposed", [False, True], ids=["ab", "aT_b"])
+def test_scaled_gemm_never_reads_its_destination(device, dtype, transposed):
+    """The backward ops take s·(a b) as one GEMM into uninitialised memory (csrc/host_common.h: scaled_mm, alpha = s,
+    beta = 0), relying on ATen's documented addmm rule that beta = 0 ignores the destination, NaN and inf included.
+    This checks that rule on this machine's BLAS paths (MKL, OpenBLAS, oneDNN, cuBLAS), for a row-major left operand
+    (s·(g ⊙ δ) B) and a transposed one (s·(g ⊙ δ)ᵀ u, the lora_B gradient)."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(40, 24, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(40 if transposed else 24, 5, generator=gen).to(device=device, dtype=dtype)
+    a = a.t() if transposed else a
+    dest = torch.full((a.shape[0], 5), float("nan"), device=device, dtype=dtype)
+    dest[0, 0] = float("inf")
+    got = dest.addmm_(a, b, beta=0.0, alpha=0.37)
+    expected = 0.37 * (a.double() @ b.double())
+    assert torch.isfinite(got).all()
+    assert_close(got, expected, dtype, msg="s·(a b) with beta = 0")  # one GEMM, rounded once to dtype

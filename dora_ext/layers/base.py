@@ -238,7 +238,7 @@ class DoRALayer(nn.Module):
 
     def _current_norm(self, name: str, factors: tuple[Tensor, Tensor]) -> Tensor:
         """The norm for a forward; in eval kept until W, A, B or the scaling change (layer_state.NormCache)."""
-        return self._norm_cache.norm(name, (*self._norm_key(), *self.norm_inputs(name)), self.scaling[name],
+        return self._norm_cache.norm(name, lambda: (*self._norm_key(), *self.norm_inputs(name)), self.scaling[name],
                                      self.training, lambda: self.weight_norm(name, factors=factors))
 
     def clear_cache(self) -> None:
