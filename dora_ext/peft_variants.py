@@ -73,14 +73,19 @@ def _cached_norm(module: nn.Module, adapter: str, key: tuple, scaling: float, co
     return cache.norm(adapter, key, scaling, module.training, compute)
 
 
-def _linear_norm(module: nn.Module, adapter: str) -> Tensor:
+def _linear_norm(module: nn.Module, adapter: str, base_layer: nn.Module | None = None,
+                 bits: str | None | bool = False) -> Tensor:
     """The norm of adapter `adapter` of a linear-kind PEFT layer (nn.Linear, Conv1D, or a bitsandbytes base, read
-    from its packed weight: dora_ext.quantized), cached in eval."""
+    from its packed weight: dora_ext.quantized), cached in eval. base_layer and bits (quantized.kind of it): what
+    a forward already looked up (default: looked up here)."""
     from peft.utils.other import transpose
 
-    base_layer = module.get_base_layer()
+    if base_layer is None:
+        base_layer = module.get_base_layer()
+    if bits is False:
+        bits = quantized.kind(base_layer)
     A, B, scaling = module.lora_A[adapter].weight, module.lora_B[adapter].weight, module.scaling[adapter]
-    if quantized.kind(base_layer):
+    if bits:
         return _cached_norm(module, adapter, (*quantized.storage(base_layer), A, B), scaling,
                             lambda: quantized.weight_norm(base_layer, A, B, scaling))
     return _weight_norm(module, adapter, transpose(base_layer.weight, module.fan_in_fan_out), A, B, scaling)
@@ -139,7 +144,7 @@ def _variant_classes():
             if quantized.kind(base_layer):
                 return _quantized_forward(module, a, base_layer, x, result, dtype)
             weight = transpose(base_layer.weight, module.fan_in_fan_out)  # [out, in] (a view)
-            norm = _linear_norm(module, a)
+            norm = _linear_norm(module, a, base_layer, None)
             if _dropout_active(module, a):
                 x = module.lora_dropout[a](x)
                 base = F.linear(x, weight.to(x.dtype)).to(dtype)  # W·x_d, no bias: PEFT recomputes it too
@@ -163,7 +168,7 @@ def _variant_classes():
         the magnitude gradient comes from the output, with bitsandbytes' product of x to recompute acc."""
         lora_A, lora_B = module.lora_A[a], module.lora_B[a]
         scaling, bias = module.scaling[a], base_layer.bias
-        norm = _linear_norm(module, a)
+        norm = _linear_norm(module, a, base_layer)
         magnitude = module.lora_magnitude_vector[a].weight
         if _dropout_active(module, a):
             x = module.lora_dropout[a](x)

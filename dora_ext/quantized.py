@@ -14,6 +14,7 @@ nothing here imports it unless a bitsandbytes layer is handed in.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -33,8 +34,15 @@ _QUANT_PACKAGES = frozenset({"bitsandbytes", "hqq", "auto_gptq", "gptqmodel", "a
                              "torchao", "fbgemm_gpu", "compressed_tensors", "transformer_engine", "vptq"})
 
 
+@functools.lru_cache(maxsize=None)
+def _library(cls: type) -> str:
+    """The top-level package of a layer class, "optimum.quanto" for quanto's (cached: kind() runs every forward)."""
+    path = cls.__module__
+    return "optimum.quanto" if path.startswith("optimum.quanto") else path.split(".")[0]
+
+
 def _is_bnb(module: nn.Module) -> bool:
-    return type(module).__module__.split(".")[0] == "bitsandbytes"
+    return _library(type(module)) == "bitsandbytes"
 
 
 def kind(module: nn.Module) -> str | None:
@@ -64,14 +72,16 @@ def kind(module: nn.Module) -> str | None:
 def is_quantized(module: nn.Module) -> bool:
     """Whether `module` looks quantized: a layer of a quantization library, a weight that is not floating point,
     or a weight that is a tensor subclass (torchao's AffineQuantizedTensor and the like)."""
-    path = type(module).__module__
-    if path.split(".")[0] in _QUANT_PACKAGES or path.startswith("optimum.quanto"):
+    library = _library(type(module))
+    if library in _QUANT_PACKAGES or library == "optimum.quanto":
         return True
     weight = getattr(module, "weight", None)
     if not isinstance(weight, Tensor):
         return False
     if not weight.is_floating_point():
         return True
+    if type(weight) is nn.Parameter:  # a Parameter of a tensor subclass has the subclass's type: this one is plain
+        return False
     data = weight.data if isinstance(weight, nn.Parameter) else weight
     if type(data) is Tensor:  # the common case, decided without importing anything
         return False
