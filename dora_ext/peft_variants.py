@@ -69,23 +69,22 @@ def _weight_norm(module: nn.Module, adapter: str, weight2d: Tensor, A2d: Tensor,
 
 
 def _cached_norm(module: nn.Module, adapter: str, key: tuple, scaling: float, compute):
-    cache = module.__dict__.setdefault("_dora_ext_norms", NormCache())
+    cache = module.__dict__.get("_dora_ext_norms")
+    if cache is None:  # (not setdefault: that would build a NormCache on every call)
+        cache = module.__dict__["_dora_ext_norms"] = NormCache()
     return cache.norm(adapter, key, scaling, module.training, compute)
 
 
-def _linear_norm(module: nn.Module, adapter: str, base_layer: nn.Module | None = None,
-                 bits: str | None | bool = False) -> Tensor:
+def _linear_norm(module: nn.Module, adapter: str, base_layer: nn.Module | None = None) -> Tensor:
     """The norm of adapter `adapter` of a linear-kind PEFT layer (nn.Linear, Conv1D, or a bitsandbytes base, read
-    from its packed weight: dora_ext.quantized), cached in eval. base_layer and bits (quantized.kind of it): what
-    a forward already looked up (default: looked up here)."""
+    from its packed weight: dora_ext.quantized), cached in eval. base_layer: module.get_base_layer(), where the
+    caller has it."""
     from peft.utils.other import transpose
 
     if base_layer is None:
         base_layer = module.get_base_layer()
-    if bits is False:
-        bits = quantized.kind(base_layer)
     A, B, scaling = module.lora_A[adapter].weight, module.lora_B[adapter].weight, module.scaling[adapter]
-    if bits:
+    if quantized.kind(base_layer):
         return _cached_norm(module, adapter, (*quantized.storage(base_layer), A, B), scaling,
                             lambda: quantized.weight_norm(base_layer, A, B, scaling))
     return _weight_norm(module, adapter, transpose(base_layer.weight, module.fan_in_fan_out), A, B, scaling)
@@ -144,7 +143,7 @@ def _variant_classes():
             if quantized.kind(base_layer):
                 return _quantized_forward(module, a, base_layer, x, result, dtype)
             weight = transpose(base_layer.weight, module.fan_in_fan_out)  # [out, in] (a view)
-            norm = _linear_norm(module, a, base_layer, None)
+            norm = _weight_norm(module, a, weight, lora_A.weight, lora_B.weight, scaling)
             if _dropout_active(module, a):
                 x = module.lora_dropout[a](x)
                 base = F.linear(x, weight.to(x.dtype)).to(dtype)  # W·x_d, no bias: PEFT recomputes it too
