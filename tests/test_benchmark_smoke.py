@@ -57,3 +57,7 @@ def test_tiny_host_overhead_benchmark_writes_results(tmp_path):
     assert {(r["mode"], r["provider"]) for r in rows} == {(m, p) for m in ("fwd", "fwd_bwd")
                                                         for p in bench_host_overhead.PROVIDERS}
     assert all(float(r["us_per_call"]) > 0 and r["git_sha"] for r in rows)
+    ops = {(r["mode"], r["provider"]): float(r["aten_ops"]) for r in rows}
+    # a backward dispatches more ops than the forward alone, and PEFT LoRA's forward is at least its three GEMMs
+    assert all(ops["fwd_bwd", p] > ops["fwd", p] for p in bench_host_overhead.PROVIDERS), ops
+    assert ops["fwd", "peft_lora"] >= 3 and all(r["kernels"] == "" for r in rows), ops
