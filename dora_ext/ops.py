@@ -218,7 +218,9 @@ def _is_real(t: Tensor) -> bool:
     ctx do not apply: there the saved acc is used)."""
     if torch.compiler.is_compiling():
         return False
-    if type(t) in eager_autograd.PLAIN_TYPES:  # (FakeTensor is a subclass: is_fake costs ~3 µs per call)
+    # FakeTensor is a subclass, and a functionalization wrapper (plain-typed) may wrap one: is_fake decides those,
+    # at ~3 µs a call; a plain tensor is decided by type
+    if type(t) in eager_autograd.PLAIN_TYPES and not torch._is_functional_tensor(t):
         return True
     from torch._subclasses.fake_tensor import is_fake
 
