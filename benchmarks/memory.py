@@ -49,7 +49,9 @@ def memory_levels(fn: Callable[[], Any], device: str | torch.device = "cpu") -> 
 
     CUDA: the caching allocator's max_memory_allocated. CPU: every allocation and free the profiler records,
     summed in time order; the call runs on one thread because the profiler does not see allocations made by
-    ATen's OpenMP worker threads (per-thread blocks would otherwise go uncounted).
+    ATen's OpenMP worker threads (per-thread blocks would otherwise go uncounted). The CPU profiler knows the size
+    only of blocks allocated while it runs: a block from before the call that fn frees counts as 0 freed (torch
+    warns "Memory block of unknown size"), so free such blocks before the call (zero_grad outside it).
     """
     device = torch.device(device)
     if device.type == "cuda":
