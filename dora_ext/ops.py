@@ -305,7 +305,7 @@ class _ZeroFlag:
     """Whether the magnitude has a zero entry, computed in the forward without waiting for the device and read in
     backward (a row with m = 0 has out = 0, which carries no acc: acc is then recomputed). bool() in the forward
     would stop the host once per layer until the device caught up, emptying its queue; in backward the answer has
-    long been there. CUDA: the flag goes to pinned host memory by a non-blocking copy behind an event."""
+    long been there. CUDA: the count goes to pinned host memory by a non-blocking copy behind an event."""
 
     __slots__ = ("nonzero", "numel", "event")
 
