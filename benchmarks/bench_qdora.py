@@ -87,10 +87,13 @@ def main(argv=None) -> None:
                     for prm in layer.parameters():
                         prm.grad = None
 
+                def forward_backward(layer):
+                    layer(x).backward(grad)
+
                 def step(layer):
                     def run():
                         reset(layer)
-                        layer(x).backward(grad)
+                        forward_backward(layer)
                     return run
 
                 fns = {prov: step(layer) for prov, layer in layers.items()}
@@ -101,7 +104,7 @@ def main(argv=None) -> None:
                     # (its free would count 0, and the old x.grad, 10.8 MiB at 11008 in-features, count twice).
                     layer = layers[prov]
                     reset(layer)
-                    _, peak = peak_memory(lambda: layer(x).backward(grad), device)
+                    _, peak = peak_memory(lambda: forward_backward(layer), device)
                     rows.append(dict(shape=name, tokens=T, r=r, provider=prov, ms=round(times[prov][0], 2),
                                      p20=round(times[prov][1], 2), p80=round(times[prov][2], 2),
                                      peak_mib=round(peak / 2**20, 1)))

@@ -37,9 +37,11 @@ class _OpFunction(torch.autograd.Function):
         return (*ctx.op_backward(ctx, *grads), None)
 
 
-#: tensor types the fast path takes as they are; anything else (tensor subclasses, FakeTensor, FunctionalTensor,
-#: DTensor) goes through the registered op, whose dispatch knows them
-PLAIN_TYPES = (Tensor, nn.Parameter)
+def is_plain(t: Tensor) -> bool:
+    """A tensor the fast path takes as it is: of type Tensor or Parameter and not a functionalization wrapper
+    (plain-typed, it may wrap a fake tensor). Anything else (tensor subclasses, FakeTensor, FunctionalTensor,
+    DTensor) goes through the registered op, whose dispatch knows them."""
+    return type(t) in (Tensor, nn.Parameter) and not torch._is_functional_tensor(t)
 
 
 def call(op, setup: Callable, backward: Callable, *inputs):
@@ -49,7 +51,7 @@ def call(op, setup: Callable, backward: Callable, *inputs):
     # (is_compiling first: dynamo cannot trace _any_requires_grad)
     if torch.is_grad_enabled() and not torch.compiler.is_compiling() and torch._C._any_requires_grad(*inputs):
         for t in inputs:  # (a loop, not all(genexpr): this runs once per layer call)
-            if isinstance(t, Tensor) and (type(t) not in PLAIN_TYPES or torch._is_functional_tensor(t)):
+            if isinstance(t, Tensor) and not is_plain(t):
                 return op(*inputs)
         return _OpFunction.apply(*inputs, (op, setup, backward))
     return op(*inputs)

@@ -25,14 +25,13 @@ class NormCache:
     def __init__(self):
         self._slots: dict[str, tuple[tuple, Tensor]] = {}
 
-    def norm(self, slot: str, tensors: Sequence[Tensor] | Callable[[], Sequence[Tensor]], scaling: float,
-             training: bool, compute: Callable[[], Tensor]) -> Tensor:
-        """The norm of adapter `slot`: cached in eval, computed (by `compute`) otherwise. tensors: the key's tensors,
-        or a function returning them (then called only in eval: a training forward pays nothing for the key)."""
+    def norm(self, slot: str, key_tensors: Callable[[], Sequence[Tensor]], scaling: float, training: bool,
+             compute: Callable[[], Tensor]) -> Tensor:
+        """The norm of adapter `slot`: cached in eval, computed (by `compute`) otherwise. key_tensors() returns the
+        tensors the norm depends on; it is called only in eval, so a training forward pays nothing for the key."""
         if training or torch.compiler.is_compiling():
             return compute()
-        if callable(tensors):
-            tensors = tensors()
+        tensors = key_tensors()
         if any(t.is_inference() for t in tensors):
             return compute()
         key = tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors) + (scaling,)

@@ -101,7 +101,7 @@ class DoRALinear(nn.Module):
         LoRA costs plus one column-scale epilogue."""
         if self.training:
             return None
-        return self._norm_cache.norm("norm", (self.weight, self.lora_A, self.lora_B), self.scaling, False,
+        return self._norm_cache.norm("norm", lambda: (self.weight, self.lora_A, self.lora_B), self.scaling, False,
                                      self.weight_norm)
 
     def clear_cache(self) -> None:

@@ -64,15 +64,15 @@ def _peft():
 def _weight_norm(module: nn.Module, adapter: str, weight2d: Tensor, A2d: Tensor, B2d: Tensor, scaling: float):
     """‖W + s·B·A‖ per output row, fused; in eval reused until W, A, B or the scaling change (layer_state.NormCache,
     kept in the instance __dict__, outside the state_dict, like PEFT's own `_caches`)."""
-    return _cached_norm(module, adapter, (weight2d, A2d, B2d), scaling,
+    return _cached_norm(module, adapter, lambda: (weight2d, A2d, B2d), scaling,
                         lambda: ops.weight_norm(weight2d, A2d, B2d, scaling))
 
 
-def _cached_norm(module: nn.Module, adapter: str, key: tuple, scaling: float, compute):
+def _cached_norm(module: nn.Module, adapter: str, key_tensors, scaling: float, compute):
     cache = module.__dict__.get("_dora_ext_norms")
     if cache is None:  # (not setdefault: that would build a NormCache on every call)
         cache = module.__dict__["_dora_ext_norms"] = NormCache()
-    return cache.norm(adapter, key, scaling, module.training, compute)
+    return cache.norm(adapter, key_tensors, scaling, module.training, compute)
 
 
 def _linear_norm(module: nn.Module, adapter: str, base_layer: nn.Module | None = None) -> Tensor:
@@ -85,7 +85,7 @@ def _linear_norm(module: nn.Module, adapter: str, base_layer: nn.Module | None =
         base_layer = module.get_base_layer()
     A, B, scaling = module.lora_A[adapter].weight, module.lora_B[adapter].weight, module.scaling[adapter]
     if quantized.kind(base_layer):
-        return _cached_norm(module, adapter, (*quantized.storage(base_layer), A, B), scaling,
+        return _cached_norm(module, adapter, lambda: (*quantized.storage(base_layer), A, B), scaling,
                             lambda: quantized.weight_norm(base_layer, A, B, scaling))
     return _weight_norm(module, adapter, transpose(base_layer.weight, module.fan_in_fan_out), A, B, scaling)
 
