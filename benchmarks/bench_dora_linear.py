@@ -4,8 +4,9 @@ Modes: `fwd` (eval, no grad: dora_ext reuses its cached norm, as it does for rep
 timed without and with its opt-in DoraCaching), `fwd_bwd` (train, x requires grad, backward of a fixed upstream
 gradient: the output stays alive until backward, as when the next op saves it) and `fwd_bwd_res` (the same, the
 output consumed by a residual add as o_proj's and down_proj's are, so nothing else keeps it: there the
-activation-memory modes differ). dora_ext trains in its default mode ("balanced") and, as dora_ext_output and
-dora_ext_low, in the other two (ops.set_activation_memory).
+activation-memory modes differ). dora_ext trains in its default mode ("fast": keeps its output, no recompute)
+and, as dora_ext_balanced and dora_ext_min_memory, in the modes that free a dying output and recompute acc in
+backward (`with ops.activation_memory(mode):`); the activation_memory column says which.
 Reports median / p20 / p80 ms, the ratio to PEFT LoRA measured in the same run, peak memory above the inputs
 and, for training, what the forward alone keeps for backward (held_MiB: where the modes differ; one layer's step
 peaks in its backward, where a recomputed acc takes the room a kept output would); plus the weight-norm
@@ -34,11 +35,16 @@ from dora_ext import reference as ref  # noqa: E402
 from memory import memory_levels, peak_memory  # noqa: E402
 from shapes import LLAMA7B, RANKS, TOKENS  # noqa: E402
 
-PROVIDERS = ["peft_lora", "peft_dora", "peft_dora_cached", "dora_ext", "dora_ext_output", "dora_ext_low",
+PROVIDERS = ["peft_lora", "peft_dora", "peft_dora_cached", "dora_ext", "dora_ext_balanced", "dora_ext_min_memory",
              "reference"]
 FWD_ONLY = {"peft_dora_cached"}  # PEFT's cache only works in eval
 #: the other activation-memory modes: they differ only where the output dies in the forward (fwd_bwd_res)
-RES_ONLY = {"dora_ext_output": "output", "dora_ext_low": "low"}
+RES_ONLY = {"dora_ext_balanced": "balanced", "dora_ext_min_memory": "min_memory"}
+
+
+def memory_label(provider: str) -> str:
+    """The activation-memory mode a provider trains in, for the tables ("" where dora_ext's ops do not run)."""
+    return RES_ONLY.get(provider, "fast (default)" if provider == "dora_ext" else "")
 
 
 def runs(provider: str, mode: str) -> bool:
@@ -94,7 +100,7 @@ def build(provider: str, base: nn.Linear, r: int) -> nn.Module:
     return ReferenceDoRA(layer) if provider == "reference" else layer
 
 
-def held_fn(module: nn.Module, mode: str, x: torch.Tensor, memory: str = "balanced"):
+def held_fn(module: nn.Module, mode: str, x: torch.Tensor, memory: str = "fast"):
     """The training forward alone (its result kept, the layer's output gone where the mode's consumer drops it):
     what memory_levels reports as held is what the forward keeps for backward."""
     def forward():
@@ -104,7 +110,7 @@ def held_fn(module: nn.Module, mode: str, x: torch.Tensor, memory: str = "balanc
     return forward
 
 
-def step_fn(module: nn.Module, mode: str, x: torch.Tensor, grad: torch.Tensor, memory: str = "balanced"):
+def step_fn(module: nn.Module, mode: str, x: torch.Tensor, grad: torch.Tensor, memory: str = "fast"):
     """(reset, step): reset drops the previous step's gradients, so that frees of old gradients never fall
     inside the step whose peak memory is measured."""
     params = [p for p in module.parameters() if p.requires_grad]
@@ -171,12 +177,12 @@ def run(args) -> tuple[list[dict], list[dict]]:
                         if not runs(provider, mode):
                             continue
                         reset, step = step_fn(module, mode, x.detach().clone(), grad,
-                                              RES_ONLY.get(provider, "balanced"))
+                                              RES_ONLY.get(provider, "fast"))
                         p50, p20, p80 = median_ms(lambda: (reset(), step()), device, args.warmup, args.reps)
                         reset()
                         _, peak = peak_memory(step, device)
                         held = "" if mode == "fwd" else memory_levels(
-                            held_fn(module, mode, x.detach().requires_grad_(), RES_ONLY.get(provider, "balanced")),
+                            held_fn(module, mode, x.detach().requires_grad_(), RES_ONLY.get(provider, "fast")),
                             device)[2]
                         sync(device)
                         measured[provider] = (p50, p20, p80, peak, held)
@@ -185,7 +191,8 @@ def run(args) -> tuple[list[dict], list[dict]]:
                     lora = measured.get("peft_lora", (None,))[0]
                     for provider, (p50, p20, p80, peak, held) in measured.items():
                         rows.append({"shape": name, "tokens": T, "r": r, "dtype": args.dtype, "mode": mode,
-                                     "provider": provider, "p50_ms": round(p50, 3), "p20_ms": round(p20, 3),
+                                     "provider": provider, "activation_memory": memory_label(provider),
+                                     "p50_ms": round(p50, 3), "p20_ms": round(p20, 3),
                                      "p80_ms": round(p80, 3),
                                      "vs_peft_lora": round(p50 / lora, 3) if lora else "",
                                      "peak_MiB": round(peak / 2**20, 1),
@@ -202,7 +209,8 @@ def summarize(rows: list[dict]) -> list[str]:
         lora = by_key.get((shape, T, rank, mode, "peft_lora"))
         if not provider.startswith("dora_ext") or not lora:
             continue
-        text = f"{mode:7s} {shape} T={T} r={rank}: {provider} / PEFT LoRA = {row['p50_ms'] / lora['p50_ms']:.3f}"
+        name = f"{provider} ({row['activation_memory']})" if row["activation_memory"] else provider
+        text = f"{mode:7s} {shape} T={T} r={rank}: {name} / PEFT LoRA = {row['p50_ms'] / lora['p50_ms']:.3f}"
         for other, label in (("peft_dora", "PEFT DoRA"), ("peft_dora_cached", "PEFT DoRA+DoraCaching")):
             if (shape, T, rank, mode, other) in by_key:
                 text += f", {label} / {provider} = {by_key[(shape, T, rank, mode, other)]['p50_ms'] / row['p50_ms']:.2f}x"
@@ -237,7 +245,8 @@ def main(argv=None):
     slug = device_slug(device) + ("-tiny" if args.tiny else "")
     write_results(os.path.join(args.out, f"{slug}.csv"), rows, meta)
     write_results(os.path.join(args.out, f"{slug}-weight-norm.csv"), norm_rows, meta)
-    columns = ["shape", "tokens", "r", "dtype", "mode", "provider", "p50_ms", "vs_peft_lora", "peak_MiB", "held_MiB"]
+    columns = ["shape", "tokens", "r", "dtype", "mode", "provider", "activation_memory", "p50_ms", "vs_peft_lora",
+               "peak_MiB", "held_MiB"]
     report = [f"# dora_ext single-layer benchmark: {meta['device']}", "",
               ", ".join(f"{k}: {v}" for k, v in meta.items()), "",
               f"Command: `python benchmarks/bench_dora_linear.py {' '.join(argv if argv is not None else sys.argv[1:])}`",

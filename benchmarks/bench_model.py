@@ -6,8 +6,9 @@ inference.
   train: forward + loss + backward + AdamW step + zero_grad, median of --reps steps after --warmup, the providers
          timed round-robin (one step each per round) so drifts of a shared machine hit them alike;
          peak memory of one step above the level before it (allocator on CUDA, profiler on CPU).
-  eval:  forward under no_grad in eval mode; PEFT DoRA with and without its opt-in DoraCaching, dora_ext with its
-         eval-time norm cache (one [out] fp32 vector per layer) warm.
+  eval:  forward under no_grad in eval mode, each DoRA provider without and with its opt-in eval cache (`_cached`):
+         PEFT DoRA with peft.helpers.DoraCaching (norm + dense B·A per layer), dora_ext with dora_ext.norm_caching
+         and the fused PEFT layers with PEFT's DoraCaching, which they honour (one [out] fp32 norm per layer, warm).
 
   --quantized 4bit|8bit: the same stack loaded through transformers with a BitsAndBytesConfig (nf4 with double
          quantization in the compute dtype, or LLM.int8): PEFT QLoRA (as peft_lora), PEFT QDoRA (peft_dora),
@@ -34,11 +35,18 @@ import dora_ext  # noqa: E402
 from bench_utils import add_llama_args, build_llama, fill_llama_defaults, interleaved_ms, publish  # noqa: E402
 from memory import peak_memory  # noqa: E402
 
-#: dora_ext: dora_ext's layers in the default activation-memory mode ("balanced"); dora_ext_output and dora_ext_low
-#: in the other two (ops.set_activation_memory: keep every layer's output / free every output that dies in the
-#: forward and recompute acc in backward)
-PROVIDERS = ("peft_lora", "peft_dora", "dora_ext", "dora_ext_output", "dora_ext_low", "peft_dora_fused")
-MODES = {"dora_ext_output": "output", "dora_ext_low": "low"}  # activation memory per provider (default "balanced")
+#: dora_ext: dora_ext's layers in the default activation-memory mode ("fast": keep every layer's output, no
+#: recompute); dora_ext_balanced and dora_ext_min_memory in the others (DoRAConfig.activation_memory: free the
+#: outputs that die in the forward where the recompute is cheap / everywhere, and recompute acc in backward)
+PROVIDERS = ("peft_lora", "peft_dora", "dora_ext", "dora_ext_balanced", "dora_ext_min_memory", "peft_dora_fused")
+MODES = {"dora_ext_balanced": "balanced", "dora_ext_min_memory": "min_memory"}  # per provider (default "fast")
+
+
+def memory_label(provider: str) -> str:
+    """The activation-memory mode a provider trains in, for the tables ("" for PEFT's own layers)."""
+    if provider in MODES:
+        return MODES[provider]
+    return "fast (default)" if provider.startswith("dora_ext") or provider == "peft_dora_fused" else ""
 
 
 def build(provider: str, base, r: int, target_modules="all-linear"):
@@ -47,22 +55,33 @@ def build(provider: str, base, r: int, target_modules="all-linear"):
 
     model = copy.deepcopy(base) if isinstance(base, torch.nn.Module) else base()
     if provider.startswith("dora_ext"):
-        return dora_ext.inject(model, dora_ext.DoRAConfig(r=r, alpha=2 * r, target_modules=target_modules))
+        return dora_ext.inject(model, dora_ext.DoRAConfig(r=r, alpha=2 * r, target_modules=target_modules,
+                                                          activation_memory=MODES.get(provider, "fast")))
     cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=target_modules, use_dora=provider != "peft_lora")
     model = peft.get_peft_model(model, cfg)
     return dora_ext.from_peft(model) if provider == "peft_dora_fused" else model
 
 
-def train_step(model, batch, activations="balanced"):
+def train_step(model, batch):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step():
-        with dora_ext.ops.activation_memory(activations):
-            model(**batch).loss.backward()
+        model(**batch).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     return step
+
+
+def _peft_dora_caching():
+    from peft.helpers import DoraCaching
+
+    return DoraCaching
+
+
+#: provider -> the opt-in eval cache its `<provider>_cached` eval row runs under (a context-manager factory)
+EVAL_CACHES = {"peft_dora": _peft_dora_caching, "dora_ext": lambda: dora_ext.norm_caching,
+               "peft_dora_fused": _peft_dora_caching}
 
 
 def _eval_fn(model, ids, ctx):
@@ -108,14 +127,14 @@ def run(args):
         model.train()
         if args.checkpointing:
             model.gradient_checkpointing_enable()  # transformers' default: non-reentrant torch.utils.checkpoint
-        steps[provider] = train_step(model, batch, MODES.get(provider, "balanced"))
+        steps[provider] = train_step(model, batch)
         steps[provider]()  # allocate optimizer state outside the measurement
     timed = interleaved_ms(steps, device, args.warmup, args.reps)
     for provider, step in steps.items():
         _, peak = peak_memory(step, device)
         p50, p20, p80 = timed[provider]
-        rows.append(dict(mode="train", provider=provider, ms=round(p50, 2), ms_p20=round(p20, 2),
-                         ms_p80=round(p80, 2), peak_mib=round(peak / 2**20, 1)))
+        rows.append(dict(mode="train", provider=provider, activation_memory=memory_label(provider), ms=round(p50, 2),
+                         ms_p20=round(p20, 2), ms_p80=round(p80, 2), peak_mib=round(peak / 2**20, 1)))
     del steps
     evals = {}
     for provider, model in models.items():
@@ -123,14 +142,13 @@ def run(args):
             continue
         model.eval()
         evals[provider] = _eval_fn(model, ids, contextlib.nullcontext)
-        if provider == "peft_dora":
-            from peft.helpers import DoraCaching
-
-            # its own copy: PEFT's cache lives in the layers and every uncached call clears it
-            evals["peft_dora_cached"] = _eval_fn(copy.deepcopy(model), ids, DoraCaching)
+        caching = EVAL_CACHES.get(provider)
+        if caching is not None:
+            # its own copy: the cache lives in the layers and every uncached call clears it (PEFT's and ours)
+            evals[provider + "_cached"] = _eval_fn(copy.deepcopy(model), ids, caching())
     for name, (p50, p20, p80) in interleaved_ms(evals, device, args.warmup, args.reps).items():
-        rows.append(dict(mode="eval", provider=name, ms=round(p50, 2), ms_p20=round(p20, 2), ms_p80=round(p80, 2),
-                         peak_mib=""))
+        rows.append(dict(mode="eval", provider=name, activation_memory="", ms=round(p50, 2), ms_p20=round(p20, 2),
+                         ms_p80=round(p80, 2), peak_mib=""))
     lora = {r["mode"]: r["ms"] for r in rows if r["provider"] == "peft_lora"}
     for r in rows:
         r["vs_peft_lora"] = round(r["ms"] / lora[r["mode"]], 3)
@@ -156,7 +174,7 @@ def main(argv=None):
     command = "python benchmarks/bench_model.py" + (f" --quantized {args.quantized}" if args.quantized else "") + (
         " --checkpointing" if args.checkpointing else "")
     print(publish(rows, args, torch.device(args.device), slug, title, "", command,
-                  ["mode", "provider", "ms", "ms_p20", "ms_p80", "vs_peft_lora", "peak_mib"]))
+                  ["mode", "provider", "activation_memory", "ms", "ms_p20", "ms_p80", "vs_peft_lora", "peak_mib"]))
 
 
 if __name__ == "__main__":

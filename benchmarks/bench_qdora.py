@@ -1,6 +1,7 @@
 """QDoRA, one bitsandbytes 4-bit (nf4) linear layer, side by side in one run: PEFT QLoRA, PEFT QDoRA and dora_ext
-(its own layer over the same Linear4bit, the norm read from the packed weight), forward + backward of a fixed
-upstream gradient in training mode (PEFT QDoRA dequantizes W and builds the dense B·A every step).
+(its own layer over the same Linear4bit, the norm read from the packed weight, in the default activation-memory
+mode, "fast"), forward + backward of a fixed upstream gradient in training mode (PEFT QDoRA dequantizes W and
+builds the dense B·A every step).
 
 Reports the median ms (providers measured round-robin), the ratio to PEFT QLoRA, and peak memory above the inputs
 (peak_memory: one thread on CPU). Results go to benchmarks/results/qdora-<device>.{csv,md} with device, versions
@@ -44,7 +45,8 @@ def build(provider: str, base: nn.Module, r: int) -> nn.Module:
     holder = nn.Module()
     holder.lin = base
     if provider == "dora_ext":
-        return dora_ext.inject(holder, dora_ext.DoRAConfig(r=r, alpha=2 * r, target_modules=["lin"])).lin
+        return dora_ext.inject(holder, dora_ext.DoRAConfig(r=r, alpha=2 * r, target_modules=["lin"],
+                                                           activation_memory="fast")).lin
     import peft
 
     holder.is_loaded_in_4bit = True  # what transformers sets: PEFT then wraps with its bitsandbytes layers
@@ -105,7 +107,9 @@ def main(argv=None) -> None:
                     layer = layers[prov]
                     reset(layer)
                     _, peak = peak_memory(lambda: forward_backward(layer), device)
-                    rows.append(dict(shape=name, tokens=T, r=r, provider=prov, ms=round(times[prov][0], 2),
+                    rows.append(dict(shape=name, tokens=T, r=r, provider=prov,
+                                     activation_memory="fast (default)" if prov == "dora_ext" else "",
+                                     ms=round(times[prov][0], 2),
                                      p20=round(times[prov][1], 2), p80=round(times[prov][2], 2),
                                      peak_mib=round(peak / 2**20, 1)))
                 base_ms = times["peft_qlora"][0]
@@ -123,7 +127,8 @@ def main(argv=None) -> None:
     meta["compute_dtype"] = str(dtype).replace("torch.", "")
     stem = args.out or os.path.join(RESULTS_DIR, f"qdora-{device_slug(device)}")
     write_results(stem + ".csv", rows, meta)
-    cols = ["shape", "tokens", "r", "provider", "ms", "vs_qlora", "peak_mib", "mem_vs_qlora_mib", "activation_mib"]
+    cols = ["shape", "tokens", "r", "provider", "activation_memory", "ms", "vs_qlora", "peak_mib", "mem_vs_qlora_mib",
+            "activation_mib"]
     with open(stem + ".md", "w") as f:
         f.write(f"# QDoRA single layer (nf4, {meta['compute_dtype']} compute), forward + backward\n\n")
         f.write("`python benchmarks/bench_qdora.py" + "".join(f" {a}" for a in (argv or [])) + "`\n\n")

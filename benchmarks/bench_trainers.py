@@ -1,5 +1,6 @@
 """Trainer-level benchmark: TRL's SFTTrainer (HF Trainer when trl is missing) building the PeftModel itself from
-`peft_config`, with PEFT LoRA, PEFT DoRA, and PEFT DoRA under `dora_ext.patch_peft()` (its DoRA layers fused).
+`peft_config`, with PEFT LoRA, PEFT DoRA, and PEFT DoRA under `dora_ext.patch_peft()` (its DoRA layers fused, in
+the default activation-memory mode, "fast").
 
 The same Llama-style model (random init, from a config) and data for every provider. Each provider trains --steps
 steps per round, providers alternating, for --rounds rounds; a step's time is taken between the trainer's
@@ -54,7 +55,8 @@ def run_provider(provider, args, device, data, out_dir):
                   learning_rate=1e-4, report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True,
                   use_cpu=device.type == "cpu", seed=0, bf16=args.dtype == "bfloat16")
     timer = StepTimer()
-    with dora_ext.peft_patched() if provider == "peft_dora_patched" else contextlib.nullcontext():
+    patched = provider == "peft_dora_patched"
+    with dora_ext.peft_patched(activation_memory="fast") if patched else contextlib.nullcontext():
         tokenizer = _offline_tokenizer()
         try:
             from trl import SFTConfig, SFTTrainer
@@ -105,11 +107,12 @@ def main(argv=None):
                 ts, kind = run_provider(provider, args, device, data, tmp)
                 times[provider] += ts
     lora = statistics.median(times["peft_lora"])
-    rows = [dict(provider=p_, trainer=kind, steps_timed=len(ts), ms=round(statistics.median(ts), 2),
+    rows = [dict(provider=p_, activation_memory="fast (default)" if p_ == "peft_dora_patched" else "", trainer=kind,
+                 steps_timed=len(ts), ms=round(statistics.median(ts), 2),
                  vs_peft_lora=round(statistics.median(ts) / lora, 3)) for p_, ts in times.items()]
     print(publish(rows, args, device, "trainers", "Trainer-level benchmark",
                   f", all-linear; {kind} builds the PeftModel from peft_config", "python benchmarks/bench_trainers.py",
-                  ["provider", "trainer", "steps_timed", "ms", "vs_peft_lora"]))
+                  ["provider", "activation_memory", "trainer", "steps_timed", "ms", "vs_peft_lora"]))
 
 
 if __name__ == "__main__":

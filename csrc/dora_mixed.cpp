@@ -68,7 +68,10 @@ at::Tensor dora_mixed(const at::Tensor& result, const std::optional<at::Tensor>&
     check_same_device(op, "adapter_index", adapter_index, result, "result");
     const at::OptionalDeviceGuard guard(at::device_of(result));
 
-    const auto acc = accum_dtype({result.scalar_type(), magnitude.scalar_type()});
+    // As dora_linear and dora_rescale: the activations' dtype alone sets the accumulation dtype (the epilogue runs
+    // in result's opmath type), and a magnitude or norm of another floating dtype (float64 adapters on a float32
+    // model) is converted to it, as their single-adapter forward does.
+    const auto acc = accum_dtype({result.scalar_type()});
     const auto gn = gains(magnitude, weight_norm, acc, true);
     auto out = at::empty_like(result, at::MemoryFormat::Contiguous);
     if (T == 0 || out_f == 0) return out;

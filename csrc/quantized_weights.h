@@ -37,11 +37,47 @@ struct Packed4View {
     int64_t row_group;            // 0: the standard layout; 32: bitsandbytes' CPU layout
 };
 
+// a·b and a + b, each rounded to float on its own: never contracted into one fused multiply-add, which rounds once
+// (nvcc contracts by default, -fmad=true; a host compiler may, -ffp-contract=fast). For the values where
+// bitsandbytes' exact rounding is the contract.
+#if !defined(__CUDA_ARCH__)
+// Host: the empty asm hands the rounded value through a register the optimiser cannot see into, so no product
+// before it and no sum after it can be fused into an fma.
+inline float keep_rounded(float v) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    __asm__("" : "+x"(v));
+#elif defined(__GNUC__) && defined(__aarch64__)
+    __asm__("" : "+w"(v));
+#else
+    volatile float rounded = v;
+    v = rounded;
+#endif
+    return v;
+}
+#endif
+
+DORA_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+    return __fmul_rn(a, b);
+#else
+    return keep_rounded(a * b);
+#endif
+}
+
+DORA_HD float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+    return __fadd_rn(a, b);
+#else
+    return keep_rounded(keep_rounded(a) + keep_rounded(b));
+#endif
+}
+
 DORA_HD float packed4_absmax(const Packed4View& v, int64_t block) {
     if (v.absmax_q == nullptr) return v.absmax[block];
-    // bitsandbytes: dequantize_blockwise(absmax_q, state2), then `absmax += offset`: a product, then a sum.
-    const float scaled = v.absmax_code[v.absmax_q[block]] * v.absmax_scale[block >> v.absmax_blocksize_log2];
-    return scaled + v.absmax_offset[0];
+    // bitsandbytes: dequantize_blockwise(absmax_q, state2), then `absmax += offset`: a product, then a sum, each
+    // rounded (an fma differs by 1 ulp for some blocks, and so can the weight's bfloat16/float16 values).
+    return add_rn(mul_rn(v.absmax_code[v.absmax_q[block]], v.absmax_scale[block >> v.absmax_blocksize_log2]),
+                  v.absmax_offset[0]);
 }
 
 // Element (row, k) of the dequantized weight in float32 before the rounding to the dequantized dtype.

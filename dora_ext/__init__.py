@@ -22,10 +22,11 @@ from . import functional, layers, ops, quantized, reference, serving  # noqa: E4
 from .checkpoint import adapter_state_dict, load_adapter, save_adapter  # noqa: E402
 from .config import DoRAConfig  # noqa: E402
 from .dynamic_rank import DynamicRankAllocator  # noqa: E402
+from .layer_state import norm_caching  # noqa: E402
 from .loraplus import create_loraplus_optimizer, loraplus_param_groups  # noqa: E402
 from .model import (  # noqa: E402
-    add_adapter, delete_adapter, disable_adapters, dora_layers, from_peft, inject, merge_and_unload, set_adapter,
-    unload,
+    add_adapter, delete_adapter, disable_adapters, dora_layers, from_peft, get_nb_trainable_parameters, inject,
+    merge_and_unload, print_trainable_parameters, set_adapter, unload,
 )
 from .modules import DoRALinear  # noqa: E402
 from .peft_variants import patch_peft, peft_patched, unpatch_peft  # noqa: E402
@@ -34,7 +35,7 @@ from .serving import mixed_adapters  # noqa: E402
 __version__ = "0.1.0"
 __all__ = [
     "DoRALinear", "DoRAConfig", "inject", "add_adapter", "set_adapter", "delete_adapter", "disable_adapters",
-    "merge_and_unload", "unload", "dora_layers", "from_peft", "save_adapter", "load_adapter", "adapter_state_dict",
-    "patch_peft", "unpatch_peft", "peft_patched", "mixed_adapters", "DynamicRankAllocator", "loraplus_param_groups",
-    "create_loraplus_optimizer", "functional", "layers", "ops", "quantized", "reference", "serving", "__version__",
+    "merge_and_unload", "unload", "dora_layers", "get_nb_trainable_parameters", "print_trainable_parameters", "from_peft", "save_adapter", "load_adapter", "adapter_state_dict",
+    "patch_peft", "unpatch_peft", "peft_patched", "mixed_adapters", "norm_caching", "DynamicRankAllocator",
+    "loraplus_param_groups", "create_loraplus_optimizer", "functional", "layers", "ops", "quantized", "reference", "serving", "__version__",
 ]

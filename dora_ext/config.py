@@ -9,15 +9,35 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+import torch
+
+from .activation_policy import check_mode
 from .variants import KINDS, Variant, variant_for
 
-__all__ = ["DoRAConfig", "ALL_LINEAR", "VARIANTS"]
+__all__ = ["DoRAConfig", "ALL_LINEAR", "VARIANTS", "EDORA_PEFT_TYPE"]
 
 #: "dora" (Liu et al. 2024, PEFT's use_dora), "lora" (plain LoRA; with dynamic_rank), "edora" (Nasiri & Garraghan)
 VARIANTS = KINDS
 
 #: target_modules shorthand (PEFT's INCLUDE_LINEAR_LAYERS_SHORTHAND): every Linear/Conv1D but the output head.
 ALL_LINEAR = "all-linear"
+
+#: peft_type of dora_ext's EDoRA files. PEFT looks it up in its own table and fails with `KeyError: <this value>`,
+#: so the value itself tells a PEFT user what to do ("DORA_EXT", the older value, is still read).
+EDORA_PEFT_TYPE = ("DORA_EXT (an EDoRA adapter of dora_ext, which PEFT cannot load: load it with "
+                   "dora_ext.load_adapter, or export a PEFT DoRA copy with dora_ext.save_adapter(..., as_dora=True))")
+_EDORA_PEFT_TYPES = (EDORA_PEFT_TYPE, "DORA_EXT")
+
+#: init_lora_weights values whose adapters are fully described by their saved tensors. The others rewrite the base
+#: weight (pissa, olora, corda, lora_ga), replace it (loftq), derive it from data (eva) or are another variant
+#: (mica): loading their files onto the original base model would be silently wrong, so they are refused by name.
+PLAIN_INITS = (True, False, "gaussian", "orthogonal")
+
+#: adapter_dtype given as a string (as configs written by hand or in YAML do)
+_DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+                "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float64": torch.float64, "fp64": torch.float64, "double": torch.float64}
 
 # adapter_config.json fields this project writes or accepts. Anything else PEFT may write that changes the adapter's
 # math (a different init that rewrites W, layer replication, extra trainable modules…) is refused on load.
@@ -53,6 +73,10 @@ class DoRAConfig:
     the base weight is stored [in, out] (transformers Conv1D sets it automatically, as PEFT does).
     adapter_dtype: dtype of new adapter parameters; None = float32 for fp16/bf16 bases (PEFT's default
     autocast_adapter_dtype=True), else the base dtype. It is not saved.
+    activation_memory: what the fused forward keeps for backward, a runtime choice that is not saved either:
+    "fast" (LoRA's step time; one [T, out] per layer more than LoRA where the output dies in the forward),
+    "balanced", "min_memory" (LoRA's memory, a recompute in backward) or "acc"; None: the context's mode
+    (`with dora_ext.ops.activation_memory(mode):`). All give the same gradients (dora_ext.activation_policy).
 
     The family (Linear/Conv1D targets only, except plain "dora"): variant="edora" (frozen SVD factors, trainable
     r×r R initialised N(0, edora_sigma²), and the magnitude); variant="lora" (no magnitude); dynamic_rank=True
@@ -61,8 +85,8 @@ class DoRAConfig:
     """
 
     r: int = 8
-    alpha: float = 8
-    dropout: float = 0.0
+    alpha: float | None = None  # None: lora_alpha if given, else 8 (PEFT's default)
+    dropout: float | None = None  # None: lora_dropout if given, else 0.0
     use_rslora: bool = False
     target_modules: str | list[str] | None = None
     exclude_modules: str | list[str] | None = None
@@ -73,11 +97,19 @@ class DoRAConfig:
     variant: str = "dora"
     dynamic_rank: bool = False
     edora_sigma: float = 1e-5
+    activation_memory: str | None = "fast"
+    # PEFT's LoraConfig names, accepted so a PEFT user's keyword arguments work unchanged
+    lora_alpha: dataclasses.InitVar[float | None] = None
+    lora_dropout: dataclasses.InitVar[float | None] = None
 
-    def __post_init__(self):
+    def __post_init__(self, lora_alpha=None, lora_dropout=None):
+        self.alpha = _alias(self.alpha, lora_alpha, "alpha", "lora_alpha", 8)
+        self.dropout = _alias(self.dropout, lora_dropout, "dropout", "lora_dropout", 0.0)
+        self.adapter_dtype = _adapter_dtype(self.adapter_dtype)
         self.variant_object()  # raises for a kind or combination that does not exist (dora_ext.variants)
         _check(isinstance(self.edora_sigma, (int, float)) and math.isfinite(self.edora_sigma) and
                self.edora_sigma >= 0, f"expected a finite edora_sigma >= 0, got {self.edora_sigma!r}")
+        check_mode(self.activation_memory, "DoRAConfig", allow_none=True)
         check_rank(self.r, "DoRAConfig", "r")
         check_alpha(self.alpha, "DoRAConfig")
         check_dropout(self.dropout, "DoRAConfig")
@@ -150,7 +182,7 @@ class DoRAConfig:
         if self.variant == "edora":
             extra = {"dora_ext_variant": "edora", "edora_sigma": self.edora_sigma}
         return {
-            "peft_type": "DORA_EXT" if self.variant == "edora" else "LORA",
+            "peft_type": EDORA_PEFT_TYPE if self.variant == "edora" else "LORA",
             **extra,
             "task_type": None,
             "base_model_name_or_path": base_model_name_or_path,
@@ -170,6 +202,13 @@ class DoRAConfig:
         }
 
     @classmethod
+    def from_lora_config(cls, config) -> "DoRAConfig":
+        """The DoRAConfig of a PEFT LoraConfig (use_dora=True: DoRA; use_dora=False: plain LoRA), refusing what
+        dora_ext does not implement by name, as for a saved adapter_config.json."""
+        d = {k: (v.value if hasattr(v, "value") else v) for k, v in config.to_dict().items()}  # enums -> str
+        return cls.from_peft_dict(d, f"{type(config).__name__}")
+
+    @classmethod
     def from_peft_dict(cls, d: dict, source: str = "adapter config") -> "DoRAConfig":
         """Parse a PEFT adapter_config.json dict; anything that is not a plain DoRA adapter is refused by name."""
         if not isinstance(d, dict):
@@ -177,7 +216,7 @@ class DoRAConfig:
         peft_type = d.get("peft_type")
         if peft_type == "LORA":
             variant = "dora" if d.get("use_dora") else "lora"
-        elif peft_type == "DORA_EXT" and d.get("dora_ext_variant") in VARIANTS:
+        elif peft_type in _EDORA_PEFT_TYPES and d.get("dora_ext_variant") in VARIANTS:
             variant = d["dora_ext_variant"]
         else:
             raise ValueError(f"DoRAConfig: {source} has peft_type={peft_type!r}; dora_ext reads PEFT LoRA/DoRA "
@@ -186,6 +225,12 @@ class DoRAConfig:
             if d.get(key, neutral) not in (neutral, [], {}):
                 raise ValueError(f"DoRAConfig: {source} sets {key}={d[key]!r}, which dora_ext does not support "
                                  f"(expected {neutral!r})")
+        init = d.get("init_lora_weights", True)
+        if not any(init is v or (isinstance(v, str) and init == v) for v in PLAIN_INITS):
+            raise ValueError(f"DoRAConfig: {source} sets init_lora_weights={init!r}, which dora_ext does not support: "
+                             "that init rewrites, replaces or derives the base weight (or is another variant), so "
+                             f"the saved tensors alone do not describe the adapter; supported: {list(PLAIN_INITS)}. "
+                             "Load it with PEFT's PeftModel.from_pretrained (and dora_ext.from_peft to run it fused)")
         if d.get("target_modules") is None:
             raise ValueError(f"DoRAConfig: {source} has no target_modules")
         target = d["target_modules"]
@@ -212,6 +257,26 @@ def check_alpha(alpha, where: str, what: str = "alpha") -> None:
 def check_dropout(dropout, where: str) -> None:
     if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
         raise ValueError(f"{where}: expected dropout in [0, 1), got {dropout!r}")
+
+
+def _alias(value, peft_value, name: str, peft_name: str, default):
+    """One of DoRAConfig's field and its LoraConfig name (alpha / lora_alpha), refusing two different values."""
+    if peft_value is None:
+        return default if value is None else value
+    _check(value is None or value == peft_value, f"got {name}={value!r} and {peft_name}={peft_value!r}; give one")
+    return peft_value
+
+
+def _adapter_dtype(value):
+    """adapter_dtype as a floating torch.dtype (or None); strings such as "bf16" or "torch.bfloat16" are read."""
+    if isinstance(value, str):
+        key = value.lower().removeprefix("torch.")
+        _check(key in _DTYPE_NAMES, f"expected adapter_dtype as a floating torch.dtype or one of "
+               f"{sorted(_DTYPE_NAMES)}, got {value!r}")
+        value = _DTYPE_NAMES[key]
+    _check(value is None or (isinstance(value, torch.dtype) and value.is_floating_point),
+           f"expected adapter_dtype as a floating torch.dtype or one of {sorted(_DTYPE_NAMES)}, got {value!r}")
+    return value
 
 
 def _matches(spec, key: str) -> bool:

@@ -18,6 +18,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from . import torch_private
+
 
 class _OpFunction(torch.autograd.Function):
     """forward(ctx, *inputs, spec): spec = (op, setup_context, backward), last so that ctx.needs_input_grad[i]
@@ -26,7 +28,7 @@ class _OpFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *args):
         *inputs, (op, setup, backward) = args
-        with torch._C._AutoDispatchBelowAutograd():
+        with torch_private.below_autograd():
             output = op(*inputs)
         ctx.op_backward = backward
         setup(ctx, tuple(inputs), output)
@@ -41,7 +43,7 @@ def is_plain(t: Tensor) -> bool:
     """A tensor the fast path takes as it is: of type Tensor or Parameter and not a functionalization wrapper
     (plain-typed, it may wrap a fake tensor). Anything else (tensor subclasses, FakeTensor, FunctionalTensor,
     DTensor) goes through the registered op, whose dispatch knows them."""
-    return type(t) in (Tensor, nn.Parameter) and not torch._is_functional_tensor(t)
+    return type(t) in (Tensor, nn.Parameter) and not torch_private.is_functional_tensor(t)
 
 
 def call(op, setup: Callable, backward: Callable, *inputs):
@@ -49,7 +51,7 @@ def call(op, setup: Callable, backward: Callable, *inputs):
     registered op itself (no gradients needed; torch.compile tracing; tensor subclasses, fake tensors and tensors
     under functionalization, whose wrapper is a plain-typed Tensor)."""
     # (is_compiling first: dynamo cannot trace _any_requires_grad)
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling() and torch._C._any_requires_grad(*inputs):
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling() and torch_private.any_requires_grad(*inputs):
         for t in inputs:  # (a loop, not all(genexpr): this runs once per layer call)
             if isinstance(t, Tensor) and not is_plain(t):
                 return op(*inputs)
@@ -65,5 +67,5 @@ def constant(op, *inputs):
     if torch.compiler.is_compiling():
         with torch.no_grad():
             return op(*inputs)
-    with torch._C._AutoDispatchBelowAutograd():
+    with torch_private.below_autograd():
         return op(*inputs)

@@ -25,13 +25,15 @@ __all__ = ["Adapter", "linear", "rescale", "conv", "embedding"]
 
 class Adapter(NamedTuple):
     """One adapter's tensors as a layer holds them. magnitude None: plain LoRA. norm: the cached ‖W + s·B·A‖_row,
-    or None to compute it."""
+    or None to compute it. activation_memory: the fused ops' mode for this adapter (dora_ext.activation_policy),
+    None for the context's."""
     lora_A: Tensor
     lora_B: Tensor
     magnitude: Tensor | None
     scaling: float
     dropout: float
     norm: Tensor | None = None
+    activation_memory: str | None = None
 
 
 def _gain(a: Adapter, norm: Tensor) -> Tensor:
@@ -62,7 +64,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, adapters: Sequence[Ad
     first, rest = adapters[0], adapters[1:]
     if first.magnitude is not None:
         result = ops.dora_linear(x, weight, bias, first.lora_A, first.lora_B, first.magnitude, first.scaling,
-                                 x_drop=_dropped(x, first, training), weight_norm=first.norm)
+                                 x_drop=_dropped(x, first, training), weight_norm=first.norm,
+                                 activation_memory=first.activation_memory)
     else:
         result, rest = F.linear(x, weight, bias), adapters
     for a in rest:
@@ -102,7 +105,7 @@ def rescale(x: Tensor, result: Tensor, bias: Tensor | None, adapters: Sequence[A
         recover = dict(x=x, base_fn=lambda: base_of(x)) if i == 0 and base is None and bias is None else {}
         result = ops.dora_rescale(result.to(dtype), u.to(dtype), a.lora_B, a.magnitude, a.norm, a.scaling,
                                   bias=None if bias is None or base is not None else bias.to(dtype),
-                                  base=base, **recover).to(out_dtype)
+                                  base=base, activation_memory=a.activation_memory, **recover).to(out_dtype)
     return result
 
 

@@ -1,8 +1,11 @@
 """The two pieces of state every DoRA layer owns besides its parameters, shared by DoRALinear, the multi-adapter
-layers (layers.py) and the PEFT variants (peft_variants.py): the eval-time norm cache and the merge ledger."""
+layers (layers.py) and the PEFT variants (peft_variants.py): the eval-time norm cache (opt-in: `norm_caching`) and
+the merge ledger."""
 
 from __future__ import annotations
 
+import contextvars
+import sys
 from typing import Callable, Sequence
 
 import torch
@@ -10,11 +13,94 @@ from torch import Tensor
 
 from . import ops
 
-__all__ = ["NormCache", "MergeLedger"]
+__all__ = ["NormCache", "MergeLedger", "norm_caching", "caching_enabled", "cached_norm"]
+
+# None: follow PEFT's DoraCaching (peft.tuners.lora.dora.ENABLE_DORA_CACHING, off unless PEFT's switch is on);
+# True / False: dora_ext.norm_caching said so in this thread (or asyncio task). A ContextVar, not a module global,
+# so a with-block in one thread leaves the others as they were.
+_SWITCH: contextvars.ContextVar[bool | None] = contextvars.ContextVar("dora_ext_norm_caching", default=None)
+
+
+class norm_caching:
+    """Turn dora_ext's eval-time norm cache on (or off) for the layers of both routes: dora_ext's own layers and
+    DoRALinear, and PEFT layers made fused by `from_peft` / `patch_peft`. Off by default, as PEFT's DoraCaching.
+
+        with dora_ext.norm_caching():        # cached within the block, restored at its exit
+            ids = model.generate(**batch)
+        dora_ext.norm_caching(True)           # from now on, in this thread
+        dora_ext.norm_caching(None)           # back to the default: follow peft.helpers.DoraCaching
+
+    Like torch.set_grad_enabled, the call itself sets the switch; as a with-block it restores the previous value at
+    exit. The switch is a context variable: it holds for the thread (or asyncio task) that set it, other threads
+    keep theirs (a new thread starts with the default). PEFT's process-wide `peft.helpers.DoraCaching` turns it on
+    too unless `norm_caching(False)` says otherwise in this thread.
+
+    With caching on, a layer in eval mode keeps one [out] fp32 norm per adapter until W, A, B or the scaling change
+    (their version counters, storage, dtype, device): optimizer steps, load_state_dict, merges, in-place edits and
+    .to() recompute it; writes through `.data` (EMA `copy_to`, some loaders) do not: call `layer.clear_cache()`, run
+    a forward with caching off, or switch the model to train mode after those. Training never caches. With caching
+    off every forward computes the norm (fused: one pass over W) and drops anything kept before, so a default model
+    is never stale.
+    """
+
+    def __init__(self, enabled: bool | None = True):
+        if enabled is not None and not isinstance(enabled, bool):
+            raise TypeError(f"dora_ext.norm_caching: expected enabled=True, False or None (follow PEFT's "
+                            f"DoraCaching), got {enabled!r}")
+        self.enabled = enabled
+        self._token = _SWITCH.set(enabled)
+
+    def __enter__(self) -> "norm_caching":
+        if self._token is None:  # the same object entered again
+            self._token = _SWITCH.set(self.enabled)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        token, self._token = self._token, None
+        _SWITCH.reset(token)
+
+    def __repr__(self) -> str:
+        return f"dora_ext.norm_caching(enabled={self.enabled})"
+
+
+def caching_enabled(scoped: bool = False) -> bool:
+    """Whether an eval forward may use the norm cache now: dora_ext.norm_caching's switch in this context if set;
+    else True for a layer inside a serving block (scoped: dora_ext.mixed_adapters); else PEFT's DoraCaching."""
+    switch = _SWITCH.get()
+    if switch is not None:
+        return switch
+    if scoped:
+        return True
+    dora = sys.modules.get("peft.tuners.lora.dora")  # not imported: PEFT's switch cannot be on
+    return bool(getattr(dora, "ENABLE_DORA_CACHING", False))
+
+
+def cached_norm(slots: dict, slot: str, key_tensors: Callable[[], Sequence[Tensor]], scaling: float, training: bool,
+                compute: Callable[[], Tensor], scoped: bool = False) -> Tensor:
+    """The norm of `slot` from `slots` (a dict the layer owns) when caching is on and the layer is in eval, else
+    compute(). key_tensors() returns the tensors the norm depends on; it is called only when caching, so other
+    forwards pay nothing for the key. A forward that does not cache empties `slots`, as PEFT's cache_decorator does,
+    so turning caching back on never finds a norm kept from before."""
+    if torch.compiler.is_compiling():  # a compiled graph does not consult Python-side caches
+        return compute()
+    if training or not caching_enabled(scoped):
+        if slots:
+            slots.clear()
+        return compute()
+    tensors = key_tensors()
+    if any(t.is_inference() for t in tensors):  # inference tensors have no version counter to key on
+        return compute()
+    key = tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors) + (scaling,)
+    hit = slots.get(slot)
+    # a norm made under inference_mode cannot serve an autograd-recording forward outside it
+    if hit is None or hit[0] != key or (hit[1].is_inference() and not torch.is_inference_mode_enabled()):
+        hit = slots[slot] = (key, compute())
+    return hit[1]
 
 
 class NormCache:
-    """Eval-time weight norms, one [out] fp32 vector per adapter, recomputed when the key changes.
+    """Eval-time weight norms, one [out] fp32 vector per adapter, used only while caching is on (`norm_caching`,
+    PEFT's DoraCaching, or a serving block: `scoped`) and recomputed when the key changes.
 
     The key holds each tensor's version counter, storage pointer, dtype and device plus the scaling, so optimizer
     steps, load_state_dict, merges, in-place edits and .to() all invalidate it. Writes through `.data` bypass version
@@ -24,21 +110,21 @@ class NormCache:
 
     def __init__(self):
         self._slots: dict[str, tuple[tuple, Tensor]] = {}
+        self.scoped = False  # set by dora_ext.mixed_adapters for its block: cache there unless switched off
+
+    def enabled(self, training: bool) -> bool:
+        """Whether a forward now uses the cache; when not, what it holds is dropped (see cached_norm)."""
+        if training or torch.compiler.is_compiling() or not caching_enabled(self.scoped):
+            if self._slots and not torch.compiler.is_compiling():
+                self._slots.clear()
+            return False
+        return True
 
     def norm(self, slot: str, key_tensors: Callable[[], Sequence[Tensor]], scaling: float, training: bool,
              compute: Callable[[], Tensor]) -> Tensor:
-        """The norm of adapter `slot`: cached in eval, computed (by `compute`) otherwise. key_tensors() returns the
-        tensors the norm depends on; it is called only in eval, so a training forward pays nothing for the key."""
-        if training or torch.compiler.is_compiling():
-            return compute()
-        tensors = key_tensors()
-        if any(t.is_inference() for t in tensors):
-            return compute()
-        key = tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors) + (scaling,)
-        hit = self._slots.get(slot)
-        if hit is None or hit[0] != key:
-            hit = self._slots[slot] = (key, compute())
-        return hit[1]
+        """The norm of adapter `slot`: cached in eval while caching is on, computed (by `compute`) otherwise.
+        key_tensors() returns the tensors the norm depends on; it is called only when caching."""
+        return cached_norm(self._slots, slot, key_tensors, scaling, training, compute, self.scoped)
 
     def pop(self, slot: str) -> None:
         self._slots.pop(slot, None)

@@ -56,6 +56,12 @@ def loraplus_param_groups(model: nn.Module, lr: float, ratio: float = 16.0, lr_e
             params[_group_of(name)].append(p)
     if not any(params.values()):
         raise ValueError("dora_ext.loraplus_param_groups: the model has no trainable parameters")
+    if not params["B"] and not params["embed"]:
+        # EDoRA trains only R (between frozen SVD factors) and the magnitude: LoRA+'s ratio has no B to apply to,
+        # and one group at lr would silently be plain training
+        raise ValueError("dora_ext.loraplus_param_groups: no trainable lora_B (or embedding) parameter, so LoRA+'s "
+                         "ratio applies to nothing (EDoRA trains only lora_R and the magnitude); use a plain "
+                         "optimizer for this model")
     return [{"name": k, "params": ps, "lr": settings[k][0], "weight_decay": settings[k][1]}
             for k, ps in params.items() if ps]
 

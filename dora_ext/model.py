@@ -13,45 +13,11 @@ from torch import nn
 
 from .config import DoRAConfig
 from .layers import DoRALayer, conv1d_type, layer_class_for
+from .model_state import AdapterConfigs, ModelChange, adapter_root, dora_layers, refuse_peft_layers
+from .saving import install_save_pretrained, uninstall_save_pretrained
 
-__all__ = ["AdapterConfigs", "inject", "add_adapter", "set_adapter", "delete_adapter", "disable_adapters",
+__all__ = ["AdapterConfigs", "inject", "add_adapter", "get_nb_trainable_parameters", "print_trainable_parameters", "set_adapter", "delete_adapter", "disable_adapters",
            "merge_and_unload", "unload", "dora_layers", "from_peft", "adapter_root", "target_plan"]
-
-CONFIGS_ATTR = "dora_ext_configs"
-
-
-class AdapterConfigs(dict):
-    """{adapter name: DoRAConfig} of the adapters injected into a model: what save_adapter writes and the allocator
-    reads. Kept on the model as the attribute `dora_ext_configs` (a plain attribute: nn.Module keeps it in __dict__,
-    outside the state_dict)."""
-
-    @staticmethod
-    def of(model: nn.Module) -> "AdapterConfigs":
-        """The model's records (empty, and not attached, when it has none)."""
-        return getattr(model, CONFIGS_ATTR, None) or AdapterConfigs()
-
-    def attach(self, model: nn.Module) -> None:
-        setattr(model, CONFIGS_ATTR, self)
-
-    @staticmethod
-    def detach_from(model: nn.Module) -> None:
-        if hasattr(model, CONFIGS_ATTR):
-            delattr(model, CONFIGS_ATTR)
-
-
-def adapter_root(model: nn.Module) -> nn.Module:
-    """The module whose names PEFT's keys use: the wrapped model for a PeftModel, else the model itself."""
-    try:
-        from peft import PeftModel
-    except ImportError:  # peft is optional: without it no model is a PeftModel
-        return model
-    return model.base_model.model if isinstance(model, PeftModel) else model
-
-
-def dora_layers(model: nn.Module) -> dict[str, DoRALayer]:
-    """{name relative to adapter_root(model): layer} for every dora_ext layer in the model."""
-    return {name: mod for name, mod in adapter_root(model).named_modules() if isinstance(mod, DoRALayer)}
-
 
 def _linear_types() -> tuple:
     conv1d = conv1d_type()
@@ -93,31 +59,56 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
 
 
-def inject(model: nn.Module, config: DoRAConfig, adapter_name: str = "default") -> nn.Module:
+def inject(model: nn.Module, config, adapter_name: str = "default") -> nn.Module:
     """Add a DoRA adapter `adapter_name` to every module `config` targets, in place; returns the model.
 
-    Only adapter parameters stay trainable (the first adapter is active; later ones are added inactive and frozen,
-    as PEFT's add_adapter; use set_adapter to switch)."""
+    `config`: a DoRAConfig, or PEFT's LoraConfig (converted by DoRAConfig.from_lora_config). Only adapter
+    parameters stay trainable (the first adapter is active; later ones are added inactive and frozen, as PEFT's
+    add_adapter; use set_adapter to switch). All or nothing: a refused target leaves the model as it was."""
+    with ModelChange(model) as change:
+        add_to_model(model, config, adapter_name, change)
+    return model
+
+
+def add_to_model(model: nn.Module, config, adapter_name: str, change: ModelChange) -> None:
+    """inject()'s work, each step registered on `change` (load_adapter undoes it too if a later step fails)."""
+    refuse_peft_layers(model, "inject")
+    config = as_dora_config(config, "dora_ext.inject")
     config, plan = target_plan(model, config)
     existing = {n for layer in dora_layers(model).values() for n in layer.adapter_names}
     if adapter_name in existing:
         raise ValueError(f"dora_ext.inject: adapter {adapter_name!r} already exists; delete_adapter() it first or "
                          "pick another name")
-    first = not existing
-    if first:
+    if not existing:
         model.requires_grad_(False)
     root = adapter_root(model)
     for name, mod in plan.items():
         layer = mod if isinstance(mod, DoRALayer) else _wrap(mod)
-        layer.add_adapter(adapter_name, config.layer_rank_for(name), config.alpha_for(name), config.dropout,
-                          config.use_rslora, config.adapter_dtype, variant=config.variant_object(),
-                          sigma=config.edora_sigma)
-        if layer is not mod:
+        active = list(layer.active_adapters)
+        try:
+            layer.add_adapter(adapter_name, config.layer_rank_for(name), config.alpha_for(name), config.dropout,
+                              config.use_rslora, config.adapter_dtype, variant=config.variant_object(),
+                              sigma=config.edora_sigma, activation_memory=config.activation_memory)
+        except (ValueError, TypeError) as exc:  # name the module: the layer's own message cannot
+            raise type(exc)(f"dora_ext.inject: target module {name!r}: {exc}") from exc
+        if layer is mod:
+            change.on_undo(lambda layer=layer, active=active: layer.forget_adapter(adapter_name, active))
+        else:
             _set_submodule(root, name, layer)
+            change.on_undo(lambda name=name, mod=mod: _set_submodule(root, name, mod))
     configs = AdapterConfigs.of(model)
     configs[adapter_name] = config
     configs.attach(model)
-    return model
+    install_save_pretrained(model)
+
+
+def as_dora_config(config, what: str) -> DoRAConfig:
+    """A DoRAConfig as given, or PEFT's LoraConfig converted (what PEFT users pass)."""
+    if isinstance(config, DoRAConfig):
+        return config
+    if type(config).__name__ == "LoraConfig" and hasattr(config, "to_dict"):
+        return DoRAConfig.from_lora_config(config)
+    raise TypeError(f"{what}: expected a dora_ext.DoRAConfig or a peft.LoraConfig, got {type(config).__name__}")
 
 
 def add_adapter(model: nn.Module, config: DoRAConfig, adapter_name: str) -> nn.Module:
@@ -126,15 +117,17 @@ def add_adapter(model: nn.Module, config: DoRAConfig, adapter_name: str) -> nn.M
 
 
 def _layers_or_raise(model: nn.Module, what: str) -> dict[str, DoRALayer]:
+    refuse_peft_layers(model, what)
     layers = dora_layers(model)
     if not layers:
         raise ValueError(f"dora_ext.{what}: the model has no DoRA layers (inject() or load_adapter() first)")
     return layers
 
 
-def set_adapter(model: nn.Module, names: str | list[str]) -> None:
-    """Activate adapter(s) on every layer that has them; active adapters train, the others are frozen. Several
-    active DoRA adapters compose as PEFT does (dora_ext.functional, module docstring)."""
+def set_adapter(model: nn.Module, names: str | list[str], inference_mode: bool = False) -> None:
+    """Activate adapter(s) on every layer that has them; active adapters train (unless inference_mode, as PEFT's
+    set_adapter), the others are frozen. Several active DoRA adapters compose as PEFT does (dora_ext.functional,
+    module docstring)."""
     names = [names] if isinstance(names, str) else list(names)
     layers = _layers_or_raise(model, "set_adapter")
     known = {n for layer in layers.values() for n in layer.adapter_names}
@@ -142,7 +135,7 @@ def set_adapter(model: nn.Module, names: str | list[str]) -> None:
     if unknown:
         raise ValueError(f"dora_ext.set_adapter: unknown adapter(s) {unknown}, present: {sorted(known)}")
     for layer in layers.values():
-        layer.set_adapter([n for n in names if n in layer.r])
+        layer.set_adapter([n for n in names if n in layer.r], inference_mode=inference_mode)
 
 
 @contextlib.contextmanager
@@ -160,6 +153,8 @@ def disable_adapters(model: nn.Module):
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Delete an adapter from every layer; where it was the only active one, the first remaining adapter (by name)
+    becomes active, with PEFT's warning (BaseTunerLayer.delete_adapter)."""
     layers = _layers_or_raise(model, "delete_adapter")
     holders = [layer for layer in layers.values() if adapter_name in layer.r]
     if not holders:
@@ -174,16 +169,33 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
 
 
 def _replace_layers(model: nn.Module, merge: bool, adapter_names: list[str] | None, safe_merge: bool) -> nn.Module:
+    what = "merge_and_unload" if merge else "unload"
+    layers = _layers_or_raise(model, what)
     root = adapter_root(model)
-    layers = _layers_or_raise(model, "merge_and_unload" if merge else "unload")
-    if merge:  # merge everything first: a failure (e.g. safe_merge) must not leave a half-unloaded model
-        for layer in layers.values():
-            layer.merge(adapter_names, safe_merge=safe_merge)
+    if merge:
+        if isinstance(adapter_names, str):
+            raise TypeError(f"dora_ext.{what}: expected a list of adapter names, got {adapter_names!r}")
+        if adapter_names is not None:
+            known = {n for layer in layers.values() for n in layer.adapter_names}
+            unknown = [n for n in adapter_names if n not in known]
+            if unknown:
+                raise ValueError(f"dora_ext.{what}: unknown adapter(s) {unknown}, present: {sorted(known)}")
+        # every layer merges what it holds of the names (PEFT skips layers an adapter does not target), all of them
+        # or none: a refused layer (safe_merge, a grouped convolution) undoes the merges made before it
+        per_layer = {name: None if adapter_names is None else [n for n in adapter_names if n in layer.r]
+                     for name, layer in layers.items()}
+        for name, layer in layers.items():  # every refusal (safe_merge's NaN/inf check included) before any change
+            layer.check_merge(layer.to_merge(per_layer[name]), safe_merge)
+        with ModelChange(model) as change:  # what can still fail here (out of memory) is undone to rounding
+            for name, layer in layers.items():
+                merged = layer.merge(per_layer[name])
+                change.on_undo(lambda layer=layer, k=len(merged): layer.unmerge_last(k))
     for name, layer in layers.items():
         if not merge:
             layer.unmerge()
         _set_submodule(root, name, layer.base_layer)
     AdapterConfigs.detach_from(model)
+    uninstall_save_pretrained(model)
     return root
 
 
@@ -198,13 +210,34 @@ def unload(model: nn.Module) -> nn.Module:
     return _replace_layers(model, False, None, False)
 
 
+def get_nb_trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameter counts as PEFT's PeftModel.get_nb_trainable_parameters counts them (a
+    bitsandbytes 4-bit parameter stores two values per byte of its storage dtype)."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if type(p).__name__ == "Params4bit":
+            n *= 2 * (p.element_size() if hasattr(p, "element_size") else 1)
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """PEFT's print_trainable_parameters line for a dora_ext model."""
+    trainable, total = get_nb_trainable_parameters(model)
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+
 # ------------------------------------------------------------------------------------------------- from PEFT
-def from_peft(peft_model: nn.Module) -> nn.Module:
+def from_peft(peft_model: nn.Module, *, activation_memory: str | None = "fast") -> nn.Module:
     """Make a live PeftModel's DoRA adapters run dora_ext's fused kernels, in place, and keep every PeftModel method
     working: the layers stay PEFT's own (peft_variants.py: dora_ext's arithmetic as PEFT LoRA variants), so
     parameters, state_dict keys, save_pretrained, load_adapter/add_adapter (new DoRA adapters are fused too),
     set_adapter, delete_adapter, disable_adapter, merging and `adapter_names` batches are PEFT's. Plain LoRA
-    adapters stay PEFT's LoRA. Returns the model."""
+    adapters stay PEFT's LoRA. activation_memory: what the fused forward keeps for backward, for this model's
+    layers ("fast", "balanced", "min_memory", "acc"; None: the context's mode; dora_ext.activation_policy).
+    Returns the model."""
     from .peft_variants import convert_peft_model
 
-    return convert_peft_model(peft_model)
+    return convert_peft_model(peft_model, activation_memory=activation_memory)

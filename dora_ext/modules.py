@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -57,8 +58,9 @@ class DoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
         self.magnitude = nn.Parameter(torch.empty(self.out_features, **factory))
         self.merged = False
+        self._warned_merged_training = False
         self._ledger = MergeLedger()  # what unmerge() needs (layer_state.py, shared with the multi-adapter layers)
-        self._norm_cache = NormCache()  # eval only
+        self._norm_cache = NormCache()  # eval only, opt-in (layer_state.norm_caching)
         self.reset_parameters()
 
     @classmethod
@@ -90,22 +92,27 @@ class DoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
+            if self.training and torch.is_grad_enabled() and not self._warned_merged_training and any(
+                    p.requires_grad for p in (self.lora_A, self.lora_B, self.magnitude)):
+                self._warned_merged_training = True
+                warnings.warn("dora_ext.DoRALinear: a training forward through a merged adapter: the base weight "
+                              "holds it, so lora_A, lora_B and magnitude get no gradients; unmerge() first to train")
             return self.base_layer(x)
         adapter = functional.Adapter(self.lora_A, self.lora_B, self.magnitude, self.scaling, self.dropout_p,
                                      self._eval_weight_norm())
         return functional.linear(x, self.weight, self.bias, [adapter], self.training)
 
     def _eval_weight_norm(self) -> Tensor | None:
-        """In eval mode, the norm of the current W, A, B and scaling, kept (one [out] fp32 vector) until one of them
-        changes (layer_state.NormCache); None (the op computes it, fused) in training. Unmerged eval then costs what
-        LoRA costs plus one column-scale epilogue."""
-        if self.training:
+        """With caching on (dora_ext.norm_caching or PEFT's DoraCaching) and in eval, the norm of the current W, A, B
+        and scaling, kept (one [out] fp32 vector) until one of them changes (layer_state.NormCache): unmerged eval
+        then costs what LoRA costs plus one column-scale epilogue. Otherwise None: the op computes it, fused."""
+        if not self._norm_cache.enabled(self.training):
             return None
         return self._norm_cache.norm("norm", lambda: (self.weight, self.lora_A, self.lora_B), self.scaling, False,
                                      self.weight_norm)
 
     def clear_cache(self) -> None:
-        """Drop the eval-time norm cache (needed only after writing parameters through `.data`)."""
+        """Drop the eval-time norm cache (needed only with caching on, after writing parameters through `.data`)."""
         self._norm_cache.clear()
 
     def train(self, mode: bool = True) -> "DoRALinear":
@@ -114,8 +121,10 @@ class DoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the adapter into the base weight in place: W ← g ⊙ (W + s·B·A). No-op when already merged."""
+        """Fold the adapter into the base weight in place: W ← g ⊙ (W + s·B·A). No-op when already merged (with
+        PEFT's warning)."""
         if self.merged:
+            warnings.warn("All adapters are already merged, nothing to do.")
             return
         self._ledger.merge_("default", self.weight, self.lora_A, self.lora_B, self.magnitude, self.weight_norm(),
                             self.scaling)

@@ -17,22 +17,23 @@ import contextlib
 import functools
 import math
 import threading
-import weakref
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from . import eager_autograd
+from . import eager_autograd, torch_private
+from .numerics import NORM_EPS, accum_dtype
+from .activation_policy import (  # noqa: F401  (the activation-memory API, re-exported here)
+    ACTIVATION_MODES, activation_memory, current_mode, enter_call, exit_call, keep_for_magnitude, magnitude_operand,
+    set_activation_memory,
+)
 
 __all__ = ["weight_norm", "weight_norm_4bit", "weight_norm_int8", "dora_linear", "dora_rescale", "dora_mixed", "merge_", "unmerge_", "NORM_EPS", "accum_dtype",
-           "set_activation_memory", "activation_memory", "ACTIVATION_MODES"]
+           "set_activation_memory", "activation_memory", "current_mode", "ACTIVATION_MODES"]
 
 _ops = torch.ops.dora_ext
 
-#: Norms are clamped to this before g = m / n (csrc/dora_ext.h: kNormEps). PEFT has no clamp and yields NaN for
-#: an all-zero row of W + s·B·A; here such a row gets g = m / 1e-6 (0 for the usual m = ‖W_row‖ = 0).
-NORM_EPS = 1e-6
 
 
 def autocast_dtype(t: Tensor) -> torch.dtype | None:
@@ -58,11 +59,6 @@ def weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) 
     with autocast_off(weight):
         return eager_autograd.constant(_ops.weight_norm, weight, lora_A, lora_B, float(scaling))
 
-
-def accum_dtype(*tensors: Tensor | None) -> torch.dtype:
-    """The one rule for reductions (norms, gains, magnitude gradients): float64 if any of the given inputs is
-    float64, else float32 (csrc/host_common.h: accum_dtype is the same rule in C++)."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _weight_norm_fake(weight, lora_A, lora_B, scaling):
@@ -124,6 +120,7 @@ def dora_linear(
     *,
     x_drop: Tensor | None = None,
     weight_norm: Tensor | None = None,
+    activation_memory: str | None = None,
 ) -> Tensor:
     """Fused DoRA linear with PEFT 0.21 semantics; returns [..., out] in x's dtype.
 
@@ -131,17 +128,24 @@ def dora_linear(
     With x_drop = dropout(x) (training, p > 0): y = x Wᵀ + bias + (g-1) ⊙ (x_drop Wᵀ) + g ⊙ s·(x_drop Aᵀ) Bᵀ.
     g = magnitude / max(weight_norm, NORM_EPS); weight_norm is computed when not given (pass a cached one to skip
     that pass). Gradients flow to x, x_drop, lora_A, lora_B, magnitude and bias; the weight must be frozen.
+    activation_memory: what this call keeps for the magnitude gradient ("fast", "balanced", "min_memory", "acc":
+    dora_ext.activation_policy); None: the context's mode (an enclosing `with activation_memory(mode):`, else
+    "fast"). Every mode gives the same gradients.
     """
     dt = autocast_dtype(x)
     if dt is not None:  # the module docstring's autocast rule: what F.linear does under autocast
         x, weight = x.to(dt), weight.to(dt)
         x_drop = None if x_drop is None else x_drop.to(dt)
         bias = None if bias is None else bias.to(dt)
-    with autocast_off(x):
-        if weight_norm is None:
-            weight_norm = eager_autograd.constant(_ops.weight_norm, weight, lora_A, lora_B, float(scaling))
-        out, _, _ = eager_autograd.call(*_EAGER[_ops.name]["dora_linear"], x, x_drop, weight, bias, lora_A, lora_B,
-                                        magnitude, weight_norm, float(scaling))
+    token = enter_call(activation_memory, "dora_ext.ops.dora_linear")
+    try:
+        with autocast_off(x):
+            if weight_norm is None:
+                weight_norm = eager_autograd.constant(_ops.weight_norm, weight, lora_A, lora_B, float(scaling))
+            out, _, _ = eager_autograd.call(*_EAGER[_ops.name]["dora_linear"], x, x_drop, weight, bias, lora_A,
+                                            lora_B, magnitude, weight_norm, float(scaling))
+    finally:
+        exit_call(token)
     return out
 
 
@@ -180,11 +184,12 @@ def _dora_linear_setup(ctx, inputs, output):
     # next op saves it: SiLU, the gate product, attention's v): the forward then keeps no [T, out] tensor of its own.
     # It is held as a detached alias (same storage and version counter, no reference to the graph, so no cycle); if
     # the caller modifies the output in place (ReLU(inplace=True), y += r) the version moves and backward recomputes
-    # acc with one GEMM instead of failing, as where a row has m = 0 (out = 0 there carries no acc; _ZeroFlag).
-    # Backward recomputes acc = x_src Wᵀ + s·u Bᵀ from what lora_A's gradient keeps anyway (x_src).
+    # acc with one GEMM instead of failing, as where a row has m = 0 (out = 0 there carries no acc;
+    # activation_policy._ZeroFlag). What the mode keeps: dora_ext.activation_policy. Backward recomputes
+    # acc = x_src Wᵀ + s·u Bᵀ from what lora_A's gradient keeps anyway (x_src).
     recomputable = need[4] and _is_real(magnitude)
-    acc_slot = _keep_for_magnitude(ctx, need[6], output[0], acc, x.shape[-1], magnitude, recomputable=recomputable,
-                                   serves=recomputable and bias is None and not ctx.dropout)
+    acc_slot = keep_for_magnitude(ctx, need[6], output[0], acc, x.shape[-1], magnitude, recomputable=recomputable,
+                                  serves=recomputable and bias is None and not ctx.dropout)
     # Save only what the requested gradients read: x_src for lora_A, lora_u for lora_B, acc for the magnitude.
     ctx.save_for_backward(
         x_src if need[4] else None,
@@ -204,7 +209,7 @@ def _dora_linear_backward(ctx, grad_out, _grad_acc, _grad_u, *, _ns):
     x_src, weight, lora_A, lora_B, magnitude, weight_norm, acc, lora_u = ctx.saved_tensors
     acc_is_output = False
     if ctx.kept_output:
-        acc, acc_is_output = _magnitude_operand(ctx, acc, x_src, weight, lora_A, lora_B, lora_u, x_src.dtype)
+        acc, acc_is_output = magnitude_operand(ctx, acc, x_src, weight, lora_A, lora_B, lora_u, x_src.dtype)
     with autocast_off(grad_out):  # backward() called inside an autocast region must not re-cast our GEMMs
         gx, gxd, gA, gB, gm, gb = _ns.dora_linear_backward(
             grad_out, x_src, weight, lora_A, lora_B, magnitude, weight_norm, acc, lora_u, ctx.scaling, ctx.dropout,
@@ -220,186 +225,7 @@ def _is_real(t: Tensor) -> bool:
         return False
     if eager_autograd.is_plain(t):  # decided without is_fake, which costs ~3 µs a call
         return True
-    from torch._subclasses.fake_tensor import is_fake
-
-    return not is_fake(t)
-
-
-#: What the fused ops keep for the magnitude gradient's [T, out] operand (set_activation_memory).
-_ACTIVATIONS = "balanced"
-ACTIVATION_MODES = ("balanced", "output", "low", "acc")
-
-
-def set_activation_memory(mode: str) -> str:
-    """Choose what dora_linear and dora_rescale keep from forward to backward for the magnitude gradient
-    Σ_t δ ⊙ acc / n; returns the previous mode. Where the output can serve (no bias, no dropout: out = g ⊙ acc; a
-    zero in m makes backward recompute acc) the op holds its own output, which costs nothing while a later op of the
-    forward saves it too (SiLU, the gate product); what differs is an output that dies during the forward (a
-    residual add, rotary or a copy consumed it):
-
-    "balanced" (default): it is freed where the recompute is cheap (in_features ≤ out_features: q/k/v/o, gate/up),
-        and backward recomputes acc with one [T, in]×[in, out] GEMM; elsewhere (down_proj) it is kept.
-        Llama-style stack, CPU fp32: 1.04× PEFT LoRA's peak memory at 1.10× its step time.
-    "output": always kept: no recompute; the layer then costs one [T, out] more than LoRA (1.20×, at 0.99×).
-    "low": always freed: LoRA's peak memory (1.00×), at 1.18× its step time; and where the output cannot serve
-        (dora_linear with a bias or dropout) nothing [T, out] is kept either: acc is recomputed.
-    "acc": the pre-scale sum acc itself, one [T, out] per layer (the behaviour before "output").
-    Elsewhere acc is kept. Under saved-tensor hooks (non-reentrant activation checkpointing, offloading) the output
-    is saved through them instead of being held, in every mode but "acc": checkpointing then drops it like any
-    activation. An output modified in place is detected (version counter) and acc recomputed, in every mode."""
-    global _ACTIVATIONS
-    if mode not in ACTIVATION_MODES:
-        raise ValueError(f"dora_ext.ops.set_activation_memory: expected one of {ACTIVATION_MODES}, got {mode!r}")
-    previous, _ACTIVATIONS = _ACTIVATIONS, mode
-    return previous
-
-
-@contextlib.contextmanager
-def activation_memory(mode: str):
-    """set_activation_memory(mode) for the duration of a with-block (forwards inside it decide)."""
-    previous = set_activation_memory(mode)
-    try:
-        yield
-    finally:
-        set_activation_memory(previous)
-
-
-class _KeptOutput:
-    """The op's output held for backward as a detached alias (same storage and version counter, no reference to the
-    graph, so no cycle). Where the mode allows, a finalizer on the output drops the alias when the output dies
-    outside a backward pass: then no later op of the forward saved it (a residual add, rotary, a copy consumed it)
-    and holding it would be the layer's own [T, out]; backward recomputes acc instead. An output that dies inside
-    backward (its consumer's saved tensors being released) stays held: backward is about to read it."""
-
-    __slots__ = ("alias", "version", "__weakref__")
-
-    def __init__(self, out: Tensor, free_when_dead: bool):
-        self.alias, self.version = out.detach(), out._version
-        if free_when_dead:  # (not at interpreter exit: nothing to free for a backward that never comes)
-            weakref.finalize(out, _KeptOutput._output_died, weakref.ref(self)).atexit = False
-
-    @staticmethod
-    def _output_died(ref) -> None:
-        kept = ref()
-        if kept is not None and not _in_backward():
-            kept.alias = None
-
-    def get(self) -> Tensor | None:
-        """The alias if still held and unmodified, else None."""
-        out = self.alias
-        return out if out is not None and out._version == self.version else None
-
-
-def _saved_tensors_hooked() -> bool:
-    """Whether saved-tensor hooks are active (activation checkpointing without reentrancy, the default of
-    transformers' gradient_checkpointing_enable; offloading with save_on_cpu): what backward reads must then go
-    through them (ctx.save_for_backward), not be held on ctx behind their back, or checkpointing keeps every
-    layer's output for the whole step."""
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    return top is not None and top(False) is not None
-
-
-class _ZeroFlag:
-    """Whether the magnitude has a zero entry, computed in the forward without waiting for the device and read in
-    backward (a row with m = 0 has out = 0, which carries no acc: acc is then recomputed). bool() in the forward
-    would stop the host once per layer until the device caught up, emptying its queue; in backward the answer has
-    long been there. CUDA: the count goes to pinned host memory by a non-blocking copy behind an event."""
-
-    __slots__ = ("nonzero", "numel", "event")
-
-    def __init__(self, magnitude: Tensor):
-        # The count of non-zero entries, compared on the host in get(): count_nonzero is one op (on the CPU ~1 µs
-        # against 4.5 µs for (m == 0).any()); NaN counts as non-zero and -0.0 as zero, as for m == 0.
-        nonzero = torch.count_nonzero(magnitude.detach())
-        self.numel, self.event = magnitude.numel(), None
-        if nonzero.device.type == "cuda":
-            host = torch.empty((), dtype=nonzero.dtype, pin_memory=True)
-            host.copy_(nonzero, non_blocking=True)
-            self.event = torch.cuda.Event()
-            self.event.record()
-            nonzero = host
-        self.nonzero = nonzero
-
-    def get(self) -> bool:
-        """Whether the magnitude has a zero entry."""
-        if self.event is not None:
-            self.event.synchronize()
-        return int(self.nonzero) < self.numel
-
-
-class _NothingKept:
-    """A layer's "low" stand-in for a kept output it cannot use (bias, dropout): backward recomputes acc."""
-
-    @staticmethod
-    def get() -> None:
-        return None
-
-
-def _in_backward() -> bool:
-    """Whether this thread is running a backward pass (the autograd engine's current graph task)."""
-    task = getattr(torch._C, "_current_graph_task_id", None)
-    return task() != -1 if task is not None else not torch.is_grad_enabled()
-
-
-def _free_when_dead(in_features: int, out_features: int) -> bool:
-    """Whether the current mode frees a layer's kept output once nothing else holds it (then backward recomputes acc
-    with one [T, in]×[in, out] GEMM): "low" always; "balanced" where in_features ≤ out_features (that GEMM costs at
-    most 2·out FLOPs per freed element)."""
-    return _ACTIVATIONS == "low" or (_ACTIVATIONS == "balanced" and in_features <= out_features)
-
-
-def _keep_for_magnitude(ctx, needed: bool, out: Tensor, acc: Tensor, in_features: int, magnitude: Tensor, *,
-                        serves: bool, recomputable: bool, closure: bool = False) -> Tensor | None:
-    """Decide what backward gets for the magnitude gradient (set_activation_memory), if `needed`; returns what the
-    op saves in acc's slot. serves: out = g ⊙ acc (no bias, no dropout) where m ≠ 0, which backward learns from
-    _ZeroFlag (a row with m = 0 has out = 0: acc is then recomputed); recomputable: backward can rebuild acc;
-    closure: it would rebuild it through a Python closure holding x, which saved-tensor hooks cannot see.
-
-    The output serves when the mode allows it, and always under saved-tensor hooks: non-reentrant checkpointing
-    re-runs the forward in backward, outside the caller's activation_memory block, and the re-run must save the same
-    tensors, so there the choice never reads the mode. Under hooks the output goes into acc's slot (the hooks drop
-    or move it like any activation; its version is recorded, so an alias handed back modified in place is not
-    used); elsewhere it is held on ctx (_KeptOutput). In "low" a layer whose output cannot serve keeps nothing
-    [T, out] either where acc can be rebuilt. ctx.kept_output: backward calls _magnitude_operand."""
-    ctx.kept_output, ctx.kept, ctx.out_version, ctx.zero_magnitude = False, None, None, None
-    if not needed:
-        return None
-    hooked = _saved_tensors_hooked()
-    recomputable = recomputable and not (closure and hooked)
-    if serves and recomputable and (_ACTIVATIONS != "acc" or hooked):
-        ctx.kept_output, ctx.zero_magnitude = True, _ZeroFlag(magnitude)
-        if hooked:
-            ctx.out_version = out._version
-            return out.detach()
-        ctx.kept = _KeptOutput(out, _free_when_dead(in_features, out.shape[-1]))
-        return None
-    if recomputable and _ACTIVATIONS == "low" and not hooked:
-        ctx.kept_output, ctx.kept = True, _NothingKept
-        return None
-    return acc
-
-
-def _magnitude_operand(ctx, saved: Tensor | None, x: Tensor | None, weight: Tensor | None, lora_A: Tensor | None,
-                       lora_B: Tensor, lora_u: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, bool]:
-    """(the [T, out] operand of the magnitude gradient, whether it is the output): the kept output (held on ctx,
-    or `saved` through saved-tensor hooks) if it is still there and unmodified and m has no zero, else
-    acc = x Wᵀ + s·(x Aᵀ) Bᵀ recomputed in `dtype` as the forward computed it (x Wᵀ by ctx.base_fn where the base
-    layer has no dense weight)."""
-    out = ctx.kept.get() if ctx.kept is not None else (
-        saved if saved is not None and saved._version == ctx.out_version else None)
-    if out is not None and not (ctx.zero_magnitude is not None and ctx.zero_magnitude.get()):
-        return out.reshape(-1, out.shape[-1]), True
-    x2 = None if x is None else x.reshape(-1, x.shape[-1]).to(dtype)
-    if weight is None:
-        with torch.no_grad():
-            base = ctx.base_fn()
-        base = base.reshape(-1, base.shape[-1]).to(dtype)
-    else:
-        base = x2 @ weight.to(dtype).T
-    u = lora_u if lora_u is not None else x2 @ lora_A.to(dtype).T
-    return torch.addmm(base, u.to(dtype), lora_B.to(dtype).T, alpha=ctx.scaling), False
-
-
+    return not torch_private.is_fake(t)
 
 
 def _dora_linear_backward_fake(grad_out, x_src, weight, lora_A, lora_B, magnitude, weight_norm, acc, lora_u, scaling,
@@ -419,31 +245,34 @@ def _dora_linear_backward_fake(grad_out, x_src, weight, lora_A, lora_B, magnitud
 # --------------------------------------------------------------------------------------------------- dora_rescale
 def dora_rescale(result: Tensor, lora_u: Tensor, lora_B: Tensor, magnitude: Tensor, weight_norm: Tensor,
                  scaling: float, *, bias: Tensor | None = None, base: Tensor | None = None, x: Tensor | None = None,
-                 weight: Tensor | None = None, base_fn: Callable[[], Tensor] | None = None) -> Tensor:
+                 weight: Tensor | None = None, base_fn: Callable[[], Tensor] | None = None,
+                 activation_memory: str | None = None) -> Tensor:
     """The DoRA update of a base layer's output computed elsewhere (what a PEFT LoRA variant receives); returns a
     new tensor of result's shape and dtype, g = magnitude / max(weight_norm, NORM_EPS), lora_u = x Aᵀ [..., r]:
 
     base None:     g ⊙ (result − bias + s·lora_u Bᵀ) + bias       (eval, or no dropout; bias: the base layer's)
     base = x_d Wᵀ: result + (g−1) ⊙ base + g ⊙ s·lora_u Bᵀ         (training with dropout; bias must be None)
 
-    Gradients flow to result, base, lora_u, lora_B and magnitude; the GEMMs producing result, base and lora_u stay
-    the caller's (and autograd's). x and weight: the base layer's input and [out, in] weight (result − bias =
-    x Wᵀ); given, the magnitude gradient is taken from the output (no [T, out] activation kept, as in dora_linear),
-    and acc is recomputed from them where backward needs it (set_activation_memory). A base layer without a dense
-    weight (bitsandbytes) gives x and base_fn instead of weight: base_fn() returns result − bias again (its own
-    product of x), called in backward only for that recompute."""
+    Gradients flow to result, base, bias, lora_u, lora_B and magnitude; the GEMMs producing result, base and
+    lora_u stay the caller's (and autograd's). x and weight: the base layer's input and [out, in] weight
+    (result − bias = x Wᵀ); given, the magnitude gradient is taken from the output (no [T, out] activation kept,
+    as in dora_linear), and acc is recomputed from them where backward needs it (activation_memory: as for
+    dora_linear). A base layer without a dense weight (bitsandbytes) gives x and base_fn instead of weight:
+    base_fn() returns result − bias again (its own product of x), called in backward only for that recompute."""
     if base_fn is not None:
         if x is None or weight is not None or base is not None:
             raise ValueError("dora_ext.ops.dora_rescale: expected base_fn with x and without weight or base (it "
                              f"recomputes result − bias = x Wᵀ), got x={x is not None}, weight={weight is not None}, "
                              f"base={base is not None}")
         _pending.base_fn, _pending.in_features, x = base_fn, x.shape[-1], None
+    token = enter_call(activation_memory, "dora_ext.ops.dora_rescale")
     try:
         with autocast_off(result):
             out, _ = eager_autograd.call(*_EAGER[_ops.name]["dora_rescale"], result, base, bias, lora_u, lora_B,
                                          magnitude, weight_norm, float(scaling), x, weight)
     finally:
         _pending.base_fn = None
+        exit_call(token)
     return out
 
 
@@ -467,9 +296,9 @@ def _dora_rescale_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(acc)
     ctx.set_materialize_grads(False)
     need = ctx.needs_input_grad
-    if need[2]:
-        raise ValueError("dora_ext::dora_rescale: expected a frozen bias (requires_grad=False), got one that "
-                         "requires grad")
+    # A trainable bias (or one FSDP(use_orig_params=True) reports as such: a view of a flat parameter that requires
+    # grad) gets its gradient in backward from grad_out, magnitude and weight_norm, which are saved anyway.
+    ctx.need_bias = need[2]
     ctx.scaling = scaling
     ctx.has_base = base is not None
     # (result, base, lora_u, lora_B, magnitude), the order of dora_rescale_backward's output_mask
@@ -480,7 +309,7 @@ def _dora_rescale_setup(ctx, inputs, output):
     # (checkpointing) that route keeps acc, which goes through them.
     base_fn = getattr(_pending, "base_fn", None)
     recomputable = base is None and (x is not None or base_fn is not None) and _is_real(magnitude)
-    acc_slot = _keep_for_magnitude(
+    acc_slot = keep_for_magnitude(
         ctx, need[5], output[0], acc, x.shape[-1] if x is not None else getattr(_pending, "in_features", 0),
         magnitude, serves=recomputable and bias is None, recomputable=recomputable, closure=x is None)
     rebuild = ctx.kept_output  # backward may rebuild acc: it then needs lora_u and x, W (or base_fn)
@@ -497,16 +326,27 @@ def _dora_rescale_backward(ctx, grad_out, _grad_acc, *, _ns):
         lora_u = lora_u.reshape(-1, lora_u.shape[-1])  # [T, r], as the op's acc
     acc_is_output = False
     if ctx.kept_output:  # (result had no bias on this path: result − bias = x Wᵀ)
-        acc, acc_is_output = _magnitude_operand(ctx, acc, x, weight, None, lora_B, lora_u, grad_out.dtype)
+        acc, acc_is_output = magnitude_operand(ctx, acc, x, weight, None, lora_B, lora_u, grad_out.dtype)
     need_result, need_base, need_u, need_B, need_m = ctx.mask
     # With base, d out / d result is the identity: result's gradient is grad_out itself, no kernel needed.
     mask = [need_result and not ctx.has_base, need_base, need_u, need_B, need_m]
-    with autocast_off(grad_out):
-        g_result, g_base, g_u, g_B, g_m = _ns.dora_rescale_backward(
-            grad_out, lora_u, lora_B, magnitude, weight_norm, acc, ctx.scaling, ctx.has_base, mask, acc_is_output)
+    g_result = g_base = g_u = g_B = g_m = None
+    if any(mask):
+        with autocast_off(grad_out):
+            g_result, g_base, g_u, g_B, g_m = _ns.dora_rescale_backward(
+                grad_out, lora_u, lora_B, magnitude, weight_norm, acc, ctx.scaling, ctx.has_base, mask, acc_is_output)
     if need_result and ctx.has_base:
         g_result = grad_out
-    return g_result, g_base, None, g_u, g_B, g_m, None, None, None, None
+    g_bias = None
+    if ctx.need_bias:
+        # out = result + (g−1) ⊙ (result − bias) + g ⊙ s·u Bᵀ, so d out / d bias = 1 − g: the bias gradient is
+        # −(g−1) ⊙ Σ_t δ, reduced in the kernels' accumulation dtype with g−1 = (m − n) / n as they compute it.
+        acc_t = accum_dtype(grad_out)
+        n = weight_norm.reshape(-1).to(acc_t).clamp_min(NORM_EPS)
+        gm1 = (magnitude.reshape(-1).to(acc_t) - n) / n
+        rows = grad_out.reshape(math.prod(grad_out.shape[:-1]), grad_out.shape[-1])  # (-1 is ambiguous for 0)
+        g_bias = (rows.sum(0, dtype=acc_t) * gm1).neg_().to(grad_out.dtype)
+    return g_result, g_base, g_bias, g_u, g_B, g_m, None, None, None, None
 
 
 

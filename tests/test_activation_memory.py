@@ -1,26 +1,32 @@
 """The magnitude gradient without an extra [T, out] activation. dora_linear (no bias, no dropout) takes Σ δ ⊙ acc
 from its own output (out = g ⊙ acc); what it does with an output that dies during the forward depends on the mode
-(ops.set_activation_memory): "balanced" (default) frees it where in_features ≤ out_features and recomputes acc in
-backward, "low" always, "output" never. Measured with the memory probe (benchmarks/memory.py) against the same
-layer in LoRA form; an output modified in place, a zero magnitude, a bias or dropout fall back to exact
-alternatives; under saved-tensor hooks (activation checkpointing) acc goes through the hooks."""
+(dora_ext.activation_policy): "fast" (default) never frees it, "balanced" frees it where in_features ≤ out_features
+and recomputes acc in backward, "min_memory" always. Measured with the memory probe (benchmarks/memory.py) against
+the same layer in LoRA form; an output modified in place, a zero magnitude, a bias or dropout fall back to exact
+alternatives; under saved-tensor hooks (activation checkpointing) acc goes through the hooks. The mode is the
+model's (DoRAConfig, from_peft, patch_peft) or the call's, else the context's: a with-block in one thread leaves
+the others alone."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import threading
 
+import peft
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
+import dora_ext
 from dora_ext import ops
 from dora_ext import reference as ref
 from helpers import as64, assert_close, make_dora_inputs
 from memory import memory_levels
 
-MODES = ("balanced", "output", "low")
+MODES = ("fast", "balanced", "min_memory")
 #: what the next op does with a layer's output: keep it (SiLU saves its input) or let it die in the forward (a
 #: residual add saves nothing; the residual itself is an input, alive anyway)
 CONSUMERS = {"silu": F.silu, "residual": lambda y: y + 1.0}
@@ -35,10 +41,11 @@ def _dora(x, W, A, B, m, s):
     return ops.dora_linear(x, W, None, A, B, m, s)
 
 
-def _held(layer, consumer, x, W, A, B, m, mode="balanced", s=0.5, ckpt=False):
-    """Bytes a forward leaves alive for backward: layer → consumer → sum, the layer's output gone out of scope."""
+def _held(layer, consumer, x, W, A, B, m, mode=None, s=0.5, ckpt=False):
+    """Bytes a forward leaves alive for backward: layer → consumer → sum, the layer's output gone out of scope.
+    mode None: no with-block (the default mode)."""
     def fwd():
-        with ops.activation_memory(mode):
+        with ops.activation_memory(mode) if mode else contextlib.nullcontext():
             if ckpt:
                 return checkpoint(lambda t: consumer(layer(t, W, A, B, m, s)).sum(), x, use_reentrant=False)
             return consumer(layer(x, W, A, B, m, s)).sum()
@@ -53,38 +60,42 @@ def _inputs(in_f, out_f, T=256):
 
 
 @pytest.mark.parametrize("consumer", list(CONSUMERS))
-def test_default_mode_keeps_no_activation_beyond_lora_for_a_bias_free_layer(consumer):
-    """The issue's criterion: for a bias-free layer (in ≤ out, as q/k/v/o and gate/up) the default forward keeps no
-    [T, out] tensor beyond what LoRA keeps, whether the next op keeps the output (SiLU) or not (a residual add).
+def test_balanced_mode_keeps_no_activation_beyond_lora_for_a_bias_free_layer(consumer):
+    """For a bias-free layer (in ≤ out, as q/k/v/o and gate/up) "balanced" keeps no [T, out] tensor beyond what
+    LoRA keeps, whether the next op keeps the output (SiLU) or not (a residual add); the default ("fast") keeps the
+    output behind a residual add (one [T, out] more, no recompute) and nothing more behind SiLU.
     Slack: DoRA's own [out] vectors (norm, magnitude's grad buffers) and bookkeeping, far below one [T, out]."""
     x, W, A, B, m = _inputs(64, 96)
     T, out = x.shape[0], W.shape[0]
     tensor = T * out * x.element_size()
     _, lora = _held(_lora, CONSUMERS[consumer], x, W, A, B, m)
-    _, ours = _held(_dora, CONSUMERS[consumer], x, W, A, B, m)
+    _, ours = _held(_dora, CONSUMERS[consumer], x, W, A, B, m, mode="balanced")
     assert ours <= lora + tensor // 8, (ours, lora, tensor)
-    # the probe sees the output kept where the mode keeps it: "output" behind a residual add
-    _, kept = _held(_dora, CONSUMERS[consumer], x, W, A, B, m, mode="output")
+    # the probe sees the output kept where the mode keeps it: the default behind a residual add
+    _, kept = _held(_dora, CONSUMERS[consumer], x, W, A, B, m)
     if consumer == "residual":
-        assert kept >= lora + tensor, (kept, lora, tensor)
+        assert lora + tensor <= kept <= lora + tensor + tensor // 8, (kept, lora, tensor)
+    else:
+        assert kept <= lora + tensor // 8, (kept, lora, tensor)
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_an_output_dead_in_the_forward_is_freed_as_the_mode_says(mode):
     """in > out (down_proj): "balanced" keeps the output (its recompute would cost in/out times more per freed
-    element than the layer's own GEMM per output), "low" frees it, "output" keeps it; in ≤ out only "output" keeps."""
+    element than the layer's own GEMM per output), "min_memory" frees it, "fast" keeps it; in ≤ out only "fast"
+    keeps."""
     for in_f, out_f in ((96, 64), (64, 96)):
         x, W, A, B, m = _inputs(in_f, out_f)
         tensor = x.shape[0] * out_f * x.element_size()
         _, lora = _held(_lora, CONSUMERS["residual"], x, W, A, B, m)
         _, ours = _held(_dora, CONSUMERS["residual"], x, W, A, B, m, mode=mode)
-        keeps = mode == "output" or (mode == "balanced" and in_f > out_f)
+        keeps = mode == "fast" or (mode == "balanced" and in_f > out_f)
         assert (ours >= lora + tensor) if keeps else (ours <= lora + tensor // 8), (mode, in_f, out_f, ours, lora)
 
 
 @pytest.mark.parametrize("case", ["bias", "dropout"])
 def test_low_mode_keeps_no_activation_beyond_lora_where_the_output_cannot_serve(case):
-    """With a bias or dropout the output is not g ⊙ acc: the other modes keep acc (one [T, out]), "low" keeps
+    """With a bias or dropout the output is not g ⊙ acc: the other modes keep acc (one [T, out]), "min_memory" keeps
     nothing of that size and recomputes acc in backward (gradients: test_fallbacks_keep_exact_magnitude_gradients)."""
     x, W, b, A, B, m = make_dora_inputs(64, 96, 4, lead=(256,), requires_grad=True)
     b = b if case == "bias" else None
@@ -102,7 +113,7 @@ def test_low_mode_keeps_no_activation_beyond_lora_where_the_output_cannot_serve(
     _, held_lora = _held(lora, F.silu, x, W, A, B, m)
     for mode in MODES:
         _, held = _held(dora, F.silu, x, W, A, B, m, mode=mode)
-        if mode == "low":
+        if mode == "min_memory":
             assert held <= held_lora + tensor // 8, (mode, held, held_lora, tensor)
         else:
             assert held >= held_lora + tensor, (mode, held, held_lora, tensor)
@@ -133,7 +144,7 @@ def test_backward_recomputes_only_an_output_the_mode_freed(mode, consumer):
     loss, _ = _held(_dora, CONSUMERS[consumer], x, W, A, B, m, mode=mode)
     with _CountBaseGemms(x.shape[0], W.shape[1], W.shape[0]) as counter:
         loss.backward()
-    freed = consumer == "residual" and mode != "output"
+    freed = consumer == "residual" and mode != "fast"
     assert counter.count == (1 if freed else 0), (mode, consumer, counter.count)
 
 
@@ -213,7 +224,7 @@ def test_magnitude_gradient_from_output_is_as_accurate_as_from_acc(dtype):
     w = torch.randn(256, 128, dtype=torch.float64)
     results = {}
     for mode in (True, False):
-        with ops.activation_memory("output" if mode else "acc"):
+        with ops.activation_memory("fast" if mode else "acc"):
             results[mode] = _grads(x, W, None, A, B, m, lambda y: y * w.to(y.dtype), dtype=dtype)[3]
     xs, As, Bs, ms = as64(x, A, B, m)
     ms.requires_grad_()
@@ -240,13 +251,13 @@ def _rescale(x, W, A, B, m, recover=True):
 @pytest.mark.parametrize("consumer", list(CONSUMERS))
 def test_rescale_keeps_no_activation_beyond_lora_when_given_x_and_weight(consumer):
     """The PEFT-variant route: given x and W, dora_rescale keeps what dora_linear keeps (nothing [T, out] beyond
-    LoRA by default); without them it must keep acc (no way to recompute it)."""
+    LoRA in "balanced"); without them it must keep acc (no way to recompute it)."""
     x, W, A, B, m = _inputs(64, 96)
     tensor = x.shape[0] * W.shape[0] * x.element_size()
     rescale = lambda x, W, A, B, m, s: _rescale(x, W, A, B, m)  # noqa: E731
     no_recovery = lambda x, W, A, B, m, s: _rescale(x, W, A, B, m, recover=False)  # noqa: E731
     _, lora = _held(_lora, CONSUMERS[consumer], x, W, A, B, m)
-    _, ours = _held(rescale, CONSUMERS[consumer], x, W, A, B, m)
+    _, ours = _held(rescale, CONSUMERS[consumer], x, W, A, B, m, mode="balanced")
     assert ours <= lora + tensor // 8, (ours, lora, tensor)
     _, kept = _held(no_recovery, CONSUMERS[consumer], x, W, A, B, m)
     assert kept >= lora + tensor, (kept, lora, tensor)
@@ -337,10 +348,33 @@ def test_zero_magnitude_rows_give_exact_gradients_whether_the_output_lives_or_di
 
 
 def test_activation_memory_modes_are_validated():
-    with pytest.raises(ValueError, match="expected one of"):
+    with pytest.raises(ValueError, match=r"dora_ext.ops.set_activation_memory: expected activation_memory one of "
+                                         r"\('fast', 'balanced', 'min_memory', 'acc'\), got 'none'"):
         ops.set_activation_memory("none")
-    assert ops.set_activation_memory("output") == "balanced"  # the default
-    assert ops.set_activation_memory("balanced") == "output"
+    # the earlier names are refused with the new one in the message
+    with pytest.raises(ValueError, match="'output' is now called 'fast'"):
+        with ops.activation_memory("output"):
+            pass
+    with pytest.raises(ValueError, match="'low' is now called 'min_memory'"):
+        ops.set_activation_memory("low")
+    x, W, A, B, m = _rescale_inputs()
+    with pytest.raises(ValueError, match="dora_ext.ops.dora_linear: expected activation_memory one of"):
+        ops.dora_linear(x, W, None, A, B, m, 0.7, activation_memory="none")
+    with pytest.raises(ValueError, match="dora_ext.ops.dora_rescale: expected activation_memory one of"):
+        ops.dora_rescale(x @ W.T, x @ A.T, B, m, ops.weight_norm(W, A, B, 0.7), 0.7, activation_memory="low")
+    with pytest.raises(ValueError, match="DoRAConfig: expected activation_memory one of .* or None"):
+        dora_ext.DoRAConfig(target_modules=["0"], activation_memory="output")
+    for call in (lambda: dora_ext.patch_peft(activation_memory="x"),
+                 lambda: dora_ext.from_peft(torch.nn.Linear(2, 2), activation_memory="x")):
+        with pytest.raises(ValueError, match="expected activation_memory one of"):
+            call()
+    assert not dora_ext.peft_variants._PATCHED  # a refused patch_peft patched nothing
+    assert ops.current_mode() == "fast"  # the default
+    assert ops.set_activation_memory("balanced") == "fast"
+    try:
+        assert ops.current_mode() == "balanced"
+    finally:
+        assert ops.set_activation_memory("fast") == "balanced"
 
 
 @pytest.mark.parametrize("hooks", ["identity", "save_on_cpu"])
@@ -365,12 +399,6 @@ def test_two_active_peft_adapters_recompute_only_what_is_the_base_output(mode):
     """PEFT adds each active adapter's update to `result` in turn, so only the first adapter's result is the base
     output x Wᵀ that a recompute rebuilds; the second keeps acc. Outputs freed in the forward (a residual add),
     gradients of both adapters against PEFT's own DoRA."""
-    import copy
-
-    import peft
-
-    import dora_ext
-
     torch.manual_seed(0)
     base = torch.nn.Sequential(torch.nn.Linear(32, 48, bias=False))
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"],
@@ -380,16 +408,187 @@ def test_two_active_peft_adapters_recompute_only_what_is_the_base_output(mode):
         for name, p in theirs.named_parameters():
             if "lora_B" in name or "magnitude" in name:
                 p.add_(0.1 * torch.randn_like(p))
-    ours = dora_ext.from_peft(copy.deepcopy(theirs))
+    ours = dora_ext.from_peft(copy.deepcopy(theirs), activation_memory=mode)
     x = torch.randn(64, 32, dtype=torch.float32)
     grads = []
     for model in (theirs, ours):
         model.base_model.set_adapter(["a", "b"])
         model.zero_grad()
-        with ops.activation_memory(mode):
-            loss = ((model(x) + 1.0) * torch.linspace(-1, 1, 48)).square().sum()
+        loss = ((model(x) + 1.0) * torch.linspace(-1, 1, 48)).square().sum()
         loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     assert len(grads[0]) == 6 and set(grads[0]) == set(grads[1])
     for name, g in grads[0].items():
         assert_close(grads[1][name], g, torch.float32, msg=name)
+
+
+# ---------------------------------------------------------- whose choice: the model's, the call's, the context's
+def _recomputes(forward_backward, T, in_f, out_f) -> int:
+    """How many [T, in]×[in, out] products a backward makes: the recomputes of x Wᵀ (one per layer whose mode freed
+    its dying output)."""
+    loss = forward_backward()
+    with _CountBaseGemms(T, in_f, out_f) as counter:
+        loss.backward()
+    return counter.count
+
+
+class _Stack(torch.nn.Module):
+    """Two bias-free in ≤ out layers whose outputs die in the forward (residual adds), as q/k/v behind rotary."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(32, 48, bias=False)
+        self.b = torch.nn.Linear(32, 48, bias=False)
+
+    def forward(self, x):
+        return (self.a(x) + 1.0) * (self.b(x) + 1.0)
+
+
+def _peft_stack(seed=0):
+    torch.manual_seed(seed)
+    model = peft.get_peft_model(_Stack(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["a", "b"],
+                                                          use_dora=True))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "magnitude" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def _injected(theirs, **mode):
+    """dora_ext.inject on a copy of theirs' base model with theirs' adapter values; `mode`: activation_memory=..., or
+    nothing for the default."""
+    ours = dora_ext.inject(copy.deepcopy(theirs).unload(), dora_ext.DoRAConfig(r=4, alpha=8,
+                                                                                target_modules=["a", "b"], **mode))
+    missing, unexpected = ours.load_state_dict({k: v for k, v in theirs.get_base_model().state_dict().items()
+                                                if "lora_" in k}, strict=False)
+    assert not unexpected and not [k for k in missing if "lora_" in k], (missing, unexpected)
+    return ours
+
+
+def _step(model, x):
+    w = torch.linspace(-1, 1, 48)
+    return lambda: (model(x) * w).square().sum()
+
+
+def _param_grads(model):
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_two_models_in_one_process_keep_their_own_modes():
+    """One model built with "fast" (the default), one with "min_memory", on each route (inject, from_peft), run
+    interleaved in one process: each frees and recomputes exactly as its own mode says (2 layers: 0 or 2
+    recomputes), a with-block around them changes neither, and all four give PEFT's own DoRA gradients."""
+    theirs = _peft_stack()
+    x = torch.randn(64, 32)
+    models = {
+        ("inject", "fast"): _injected(theirs),
+        ("inject", "min_memory"): _injected(theirs, activation_memory="min_memory"),
+        ("from_peft", "fast"): dora_ext.from_peft(copy.deepcopy(theirs)),
+        ("from_peft", "min_memory"): dora_ext.from_peft(copy.deepcopy(theirs), activation_memory="min_memory"),
+    }
+    _step(theirs, x)().backward()
+    expected = {n.removeprefix("base_model.model."): g for n, g in _param_grads(theirs).items()}
+    assert len(expected) == 6
+    for (route, mode), model in models.items():
+        with ops.activation_memory("balanced" if mode == "fast" else "fast"):  # the model's choice wins
+            count = _recomputes(_step(model, x), 64, 32, 48)
+        assert count == (0 if mode == "fast" else 2), (route, mode, count)
+        got = {n.removeprefix("base_model.model."): g for n, g in _param_grads(model).items()}
+        assert set(got) == set(expected), (route, mode)
+        for name, g in expected.items():
+            assert_close(got[name], g, torch.float32, msg=f"{route}, {mode}: {name}")
+
+
+def test_a_model_with_no_mode_of_its_own_follows_the_context():
+    """activation_memory=None (DoRAConfig, from_peft): the enclosing with-block's mode, "fast" outside any."""
+    theirs = _peft_stack()
+    x = torch.randn(64, 32)
+    for model in (_injected(theirs, activation_memory=None),
+                  dora_ext.from_peft(copy.deepcopy(theirs), activation_memory=None)):
+        assert _recomputes(_step(model, x), 64, 32, 48) == 0
+        with ops.activation_memory("min_memory"):
+            assert _recomputes(_step(model, x), 64, 32, 48) == 2
+
+
+def test_the_call_argument_wins_over_the_context_and_does_not_leak():
+    x, W, A, B, m = _inputs(32, 48, T=64)
+
+    def step(mode):
+        return lambda: (ops.dora_linear(x, W, None, A, B, m, 0.5, activation_memory=mode) + 1.0).square().sum()
+
+    with ops.activation_memory("min_memory"):
+        assert _recomputes(step("fast"), 64, 32, 48) == 0
+        assert ops.current_mode() == "min_memory"  # the call's mode lasted for the call only
+        assert _recomputes(step(None), 64, 32, 48) == 1
+    assert _recomputes(step("min_memory"), 64, 32, 48) == 1
+    assert ops.current_mode() == "fast"
+
+
+def test_a_with_block_in_one_thread_leaves_other_threads_alone():
+    """Thread 1 sits inside `with activation_memory("min_memory")` while the main thread runs a step: the main
+    thread keeps the default ("fast": no recompute); thread 1's own step inside its block recomputes."""
+    x, W, A, B, m = _inputs(32, 48, T=64)
+
+    def step():
+        return (ops.dora_linear(x, W, None, A, B, m, 0.5) + 1.0).square().sum()
+
+    inside, done, seen = threading.Event(), threading.Event(), {}
+
+    def worker():
+        try:
+            with ops.activation_memory("min_memory"):
+                seen["mode"] = ops.current_mode()
+                seen["count"] = _recomputes(step, 64, 32, 48)
+                inside.set()
+                done.wait(timeout=60)
+        finally:
+            inside.set()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        assert inside.wait(timeout=60)
+        assert ops.current_mode() == "fast"
+        assert _recomputes(step, 64, 32, 48) == 0
+    finally:
+        done.set()
+        thread.join()
+    assert seen == {"mode": "min_memory", "count": 1}
+
+
+def test_patch_peft_gives_its_mode_to_the_layers_it_fuses():
+    """patch_peft(activation_memory=...) is the mode of every layer fused while it is on, and stays theirs after
+    unpatching; layers fused under another patch_peft call keep their own; the gradients are PEFT's."""
+    x = torch.randn(64, 32)
+    theirs = _peft_stack()
+    _step(theirs, x)().backward()
+    with dora_ext.peft_patched(activation_memory="min_memory"):
+        low = _peft_stack()
+        with dora_ext.peft_patched():  # nested: the default for what is built inside
+            fast = _peft_stack()
+        assert dora_ext.peft_variants._PATCH_MODE == "min_memory"  # restored on leaving the inner block
+    assert not dora_ext.peft_variants._PATCHED
+    for model, count in ((low, 2), (fast, 0)):
+        layers = [m for m in model.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+        assert len(layers) == 2 and all(dora_ext.peft_variants.is_fused(m, "default") for m in layers)
+        assert _recomputes(_step(model, x), 64, 32, 48) == count
+        for name, g in _param_grads(theirs).items():
+            assert_close(_param_grads(model)[name], g, torch.float32, msg=name)
+
+
+@pytest.mark.parametrize("context", ["fast", "acc"])
+def test_checkpointed_model_gives_peft_gradients_whatever_the_context_at_backward(context):
+    """Non-reentrant checkpointing re-runs the forward in backward, outside the forward's with-block: under the
+    hooks the mode is never read, so the re-run saves what the first run saved and the gradients stay exact."""
+    theirs = _peft_stack()
+    x = torch.randn(64, 32)
+    ours = dora_ext.from_peft(copy.deepcopy(theirs), activation_memory="min_memory")
+    w = torch.linspace(-1, 1, 48)
+    with ops.activation_memory("min_memory"):
+        loss = checkpoint(lambda t: (ours(t) * w).square().sum(), x, use_reentrant=False)
+    with ops.activation_memory(context):
+        loss.backward()
+    _step(theirs, x)().backward()
+    for name, g in _param_grads(theirs).items():
+        assert_close(_param_grads(ours)[name], g, torch.float32, msg=name)

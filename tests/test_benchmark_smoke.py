@@ -18,13 +18,15 @@ def test_tiny_benchmark_writes_results(tmp_path):
     assert any(f.endswith("-tiny.csv") for f in files) and any(f.endswith("-tiny.md") for f in files)
     with open(next(tmp_path / f for f in files if f.endswith("-tiny.csv"))) as f:
         rows = list(csv.DictReader(f))
-    assert {r["provider"] for r in rows} == {"peft_lora", "peft_dora", "peft_dora_cached", "dora_ext", "dora_ext_output",
-                                             "dora_ext_low", "reference"}
+    assert {r["provider"] for r in rows} == {"peft_lora", "peft_dora", "peft_dora_cached", "dora_ext",
+                                             "dora_ext_balanced", "dora_ext_min_memory", "reference"}
+    assert {r["provider"]: r["activation_memory"] for r in rows if r["provider"].startswith("dora_ext")} == {
+        "dora_ext": "fast (default)", "dora_ext_balanced": "balanced", "dora_ext_min_memory": "min_memory"}
     assert {r["mode"] for r in rows if r["provider"] == "peft_dora_cached"} == {"fwd"}  # PEFT caches in eval only
-    for provider in ("dora_ext_output", "dora_ext_low"):  # activation-memory modes: behind the residual add only
+    for provider in ("dora_ext_balanced", "dora_ext_min_memory"):  # the other modes: behind the residual add only
         assert {r["mode"] for r in rows if r["provider"] == provider} == {"fwd_bwd_res"}
     assert {r["provider"] for r in rows if r["mode"] == "fwd_bwd_res"} == {"peft_lora", "peft_dora", "dora_ext",
-                                                                         "dora_ext_output", "dora_ext_low"}
+                                                                         "dora_ext_balanced", "dora_ext_min_memory"}
     assert all(float(r["p50_ms"]) > 0 and r["torch"] and r["git_sha"] for r in rows)
     assert {float(r["vs_peft_lora"]) for r in rows if r["provider"] == "peft_lora"} == {1.0}
 

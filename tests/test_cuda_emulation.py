@@ -1,6 +1,7 @@
 """Every CUDA kernel executed in CI: csrc/cuda/kernels.cuh compiled as host C++ over the CPU emulation
 (csrc/cuda/emulation.h: one fiber per CUDA thread, run barrier to barrier in ascending and in descending thread order,
-shared memory and fresh allocations NaN-filled), with the real extension's schemas and host ops, as the test-only
+shared memory and fresh allocations NaN-filled, every tensor a kernel touches fenced by poisoned guard bytes and
+PROT_NONE pages: csrc/cuda/guarded_memory.h), with the real extension's schemas and host ops, as the test-only
 library `dora_ext_emu`. Each test runs the op layer through the emulated CUDA kernels and compares with the CPU
 kernels (torch.ops.dora_ext) and the float64 reference, on small awkward shapes: 1, 7, 33 and 257 rows (the norm
 kernel's blocks hold 8 rows, the column kernels' 256 columns and 4 rows per thread, the reduction chunks 64 rows),
@@ -11,14 +12,22 @@ then a tree, against a row-blocked BLAS norm), so they agree to the compute dtyp
 the float64 runs are held to 1e-10 against the float64 reference. A NaN anywhere (a read of memory nobody wrote)
 fails every comparison.
 
+An out-of-range read or write fails the launch with an error naming the kernel and the argument (the slack around
+each tensor is checked after every launch, an access further out faults into a PROT_NONE reservation and is reported
+from there), never the process. Launches at CUDA's grid limit are reached with a lowered limit (set_max_grid_yz), so
+the clamps and the grid-stride loops behind them run on a few hundred rows. A second build, `dora_ext_emu_fma`,
+compiles the kernels with floating-point contraction on, as nvcc does, for the values that must be bitsandbytes'
+bit for bit.
+
 What this cannot see and only a GPU run can: memory coalescing and speed, real warp scheduling, the driver, launch
-overheads, and numerics of the device's own math (fused multiply-adds).
+overheads, the device's own math beyond contraction, and an int32 index overflow (no tensor here has 2^31 elements).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import platform
 from pathlib import Path
 
 import pytest
@@ -33,6 +42,17 @@ HOST_SOURCES = ["csrc/dora_ext.cpp", "csrc/registration.cpp", "csrc/dora_linear.
                 "csrc/weight_ops.cpp", "tests/cuda_emulation/emulated_kernels.cpp"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_intra_op_thread():
+    """The emulated kernels run on one OS thread, and the tensors compared here are small: ATen's thread pool only
+    adds its fan-out and, on a busy machine, its spinning barriers (the comparisons took 4× as long with 2 threads
+    on 2 shared cores). Restored after this file."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def emu():
     """Build (once; cached in build/cuda_emulation) and load the emulation library; its fakes and autograd."""
@@ -45,6 +65,40 @@ def emu():
          is_python_module=False, verbose=bool(os.environ.get("DORA_EXT_VERBOSE_BUILD")))
     ops.register_namespace("dora_ext_emu")
     return torch.ops.dora_ext_emu
+
+
+def _fma_flags() -> list[str] | None:
+    """The flags that make the host compiler contract a·b + c into fused multiply-adds, as nvcc does, or None where
+    this CPU cannot run them."""
+    machine = platform.machine()
+    if machine == "aarch64":
+        return ["-ffp-contract=fast"]  # FMA is part of the base ISA
+    if machine in ("x86_64", "AMD64"):
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+        return ["-ffp-contract=fast", "-mfma"] if " fma " in flags else None
+    return None
+
+
+@pytest.fixture(scope="session")
+def emu_fma():
+    """The contraction variant (tests/cuda_emulation/fma_variant.cpp): the weight ops over the emulated kernels built
+    with -ffp-contract=fast, as `dora_ext_emu_fma`; one translation unit, cached in build/cuda_emulation_fma."""
+    from torch.utils.cpp_extension import load
+
+    flags = _fma_flags()
+    if flags is None:
+        pytest.skip(f"no fused multiply-add instructions on this CPU ({platform.machine()})")
+    build = ROOT / "build" / "cuda_emulation_fma"
+    build.mkdir(parents=True, exist_ok=True)
+    load(name="dora_ext_emulated_fma", sources=[str(ROOT / "tests/cuda_emulation/fma_variant.cpp")],
+         build_directory=str(build),
+         extra_cflags=["-O2", "-DDORA_EXT_EMULATE_CUDA", "-DDORA_EXT_OPS_NS=dora_ext_emu_fma",
+                       "-Wno-unknown-pragmas", *flags],
+         is_python_module=False, verbose=bool(os.environ.get("DORA_EXT_VERBOSE_BUILD")))
+    return torch.ops.dora_ext_emu_fma
 
 
 @pytest.fixture(params=["ascending", "descending"])
@@ -129,11 +183,17 @@ def test_weight_norm_and_merge_kernels(emu, order, out_f, in_f, r, layout):
                                                                            (64, 256, 2)]
                                                for f in ("nf4", "fp4-dq")] + [(64, 256, 2, "cpu-layout"),
                                                                               (32, 64, 1, "cpu-layout")])
-def test_quantized_norm_kernels(emu, order, out_f, in_f, r, fmt):
+@pytest.mark.parametrize("variant", ["emu", "emu_fma"])
+def test_quantized_norm_kernels(request, order, variant, out_f, in_f, r, fmt):
     """The 4-bit kernel (code tables in shared memory, a barrier before use), both absmax forms and bitsandbytes'
-    CPU layout (32-row groups: the 64-row shapes), and the int8 kernel, against the CPU kernels and float64."""
+    CPU layout (32-row groups: the 64-row shapes), and the int8 kernel, against the CPU kernels and float64; built
+    plainly and with contraction on (emu_fma)."""
     bnbF = pytest.importorskip("bitsandbytes.functional")
     from quant_helpers import dequant_oracle, norm_args, quantize_4bit
+
+    lib = request.getfixturevalue(variant)
+    lib.set_thread_order(order == "descending")
+    request.addfinalizer(lambda: lib.set_thread_order(False))
 
     gen = torch.Generator().manual_seed(out_f + in_f)
     W = torch.randn(out_f, in_f, generator=gen)
@@ -151,7 +211,7 @@ def test_quantized_norm_kernels(emu, order, out_f, in_f, r, fmt):
         packed_, absmax, code, bs, nested = args
         nested_args = (nested.get("absmax_code"), nested.get("absmax_scale"), nested.get("absmax_offset"),
                        nested.get("absmax_blocksize", 0))
-        got = emu.weight_norm_4bit(packed_, absmax, code, bs, *nested_args, out_f, in_f, dtype, A, B, 0.7,
+        got = lib.weight_norm_4bit(packed_, absmax, code, bs, *nested_args, out_f, in_f, dtype, A, B, 0.7,
                                    kw.get("row_group", 0))
         cpu_got = torch.ops.dora_ext.weight_norm_4bit(packed_, absmax, code, bs, *nested_args, out_f, in_f, dtype, A,
                                                       B, 0.7, kw.get("row_group", 0))
@@ -161,7 +221,7 @@ def test_quantized_norm_kernels(emu, order, out_f, in_f, r, fmt):
     CB = torch.randint(-127, 128, (out_f, in_f), generator=gen, dtype=torch.int8)
     SCB = torch.rand(out_f, generator=gen) + 0.1
     W8 = (CB.double() * SCB.double().view(-1, 1)) / 127
-    close(emu.weight_norm_int8(CB, SCB, A, B, 0.7), ref.weight_norm(W8, A.double(), B.double(), 0.7), torch.float32,
+    close(lib.weight_norm_int8(CB, SCB, A, B, 0.7), ref.weight_norm(W8, A.double(), B.double(), 0.7), torch.float32,
           "weight_norm_int8 vs float64")
 
 
@@ -273,3 +333,120 @@ def test_empty_inputs_launch_nothing_invalid(via_emulation, T, in_f, out_f):
     y.sum().backward()
     W2 = W.clone()
     ops.merge_(W2, A.detach(), B.detach(), m.detach(), ops.weight_norm(W, A, B, 0.5), 0.5)
+
+
+@pytest.fixture
+def grid_limit(emu):
+    """Grid y and z limited to 2 (CUDA: 65535) for one test: the launchers' clamps and the grid-stride loops behind
+    them then run on a few hundred rows instead of 2^18."""
+    emu.set_max_grid_yz(2)
+    yield 2
+    emu.set_max_grid_yz(65535)
+
+
+@pytest.mark.parametrize("out_f", [1, 257])
+def test_launches_clamped_at_the_grid_limit(emu, via_emulation, grid_limit, order, out_f):
+    """At the grid limit: 257 rows are 65 row groups of 4 for the epilogues (column_grid) and 5 chunks of 64 for the
+    backward reduction, both over the limit of 2, so each launcher must clamp its grid y (the emulation refuses a
+    launch over the limit) and each kernel must stride over the rows past it. One column costs one column block.
+    The forward and backward with and without dropout, the rescale and the serving epilogue, against the CPU."""
+    for dropout in (False, True):
+        test_dora_linear_forward_backward_kernels(via_emulation, order, 257, out_f, dropout)
+    test_mixed_epilogue_kernel(emu, order, 257, out_f)
+    if out_f == 257:  # (the rescale test's shape)
+        test_dora_rescale_kernels(emu, order, 257, False)
+    with pytest.raises(RuntimeError, match=r"grid limit must be in 1\.\.65535"):
+        emu.set_max_grid_yz(65536)
+
+
+# ------------------------------------------------------------------------------------------- the guards
+def test_guards_stop_out_of_range_accesses(emu):
+    """Every tensor an emulated kernel touches is fenced (csrc/cuda/guarded_memory.h): a write just out of range is
+    found in the poisoned slack after the launch, an access further out faults into the PROT_NONE reservation and
+    stops the kernel; both fail the launch with an error naming the kernel, the argument and the offset, and the
+    process goes on. A read just out of range yields the poison, NaN. probe_kernel (tests/cuda_emulation) reads or
+    writes one element of a 10-element float32 tensor at any offset."""
+    data = torch.arange(10, dtype=torch.float32)
+    assert emu.probe_access(data, 3, False).item() == 3.0
+    emu.probe_access(data, 3, True)  # in range: written back to the caller's tensor (an in-place argument)
+    expected = torch.arange(10, dtype=torch.float32)
+    expected[3] = 1.0
+    assert torch.equal(data, expected)
+
+    kernel, arg = r"dora_ext::emu_probe::probe_kernel", r"argument 0 `data\.data_ptr<float>\(\)`"
+    cases = [
+        (10, True, rf"{kernel} wrote out of range of {arg}: its guard bytes changed, first byte offset 40 of a "
+                   r"40-byte tensor \(past its end\)"),
+        (-1, True, rf"{kernel} wrote out of range of {arg}: its guard bytes changed, first byte offset -4 of a "
+                   r"40-byte tensor \(before its start\)"),
+        (10**6, True, rf"{kernel} accessed memory out of range in block \(0, 0, 0\): address 0x[0-9a-f]+, byte "
+                      rf"offset 4000000 of a 40-byte tensor \(past its end\), the tensor of {arg}"),
+        (10**6, False, rf"{kernel} accessed memory .* byte offset 4000000 of a 40-byte tensor \(past its end\)"),
+        (-10**6, False, rf"{kernel} accessed memory .* byte offset -4000000 of a 40-byte tensor \(before its start\)"),
+    ]
+    for offset, write, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            emu.probe_access(data, offset, write)
+        assert torch.equal(data, expected), f"offset {offset}: a failed launch changed the caller's tensor"
+    assert emu.probe_access(data, 10, False).isnan().all()  # the slack holds NaN bytes
+    assert emu.probe_access(data, 9, False).item() == 9.0  # kernels run on after the faults
+
+    # a strided in-place argument: the storage between its elements is poisoned and checked too
+    base = torch.zeros(20)
+    with pytest.raises(RuntimeError, match=r"wrote into the gaps between the elements of its in-place argument"):
+        emu.probe_access(base[::2], 1, True)
+    assert torch.equal(base, torch.zeros(20))
+
+
+# --------------------------------------------------------------- bitsandbytes' values, bit for bit, with fma
+@pytest.mark.parametrize("variant", ["emu", "emu_fma"])
+@pytest.mark.parametrize("fmt", [("nf4", True), ("fp4", True), ("nf4", False)], ids=lambda f: f"{f[0]}{'-dq' * f[1]}")
+def test_4bit_values_are_bitsandbytes_bit_for_bit(request, variant, fmt):
+    """The 4-bit norm kernel decodes bitsandbytes' own values exactly. With in_features 1 and lora_B = 0 the norm of
+    row j is |w_j| exactly (√(w²) rounded is |w| in binary floating point), so the norms are the dequantized weight,
+    held bit for bit to bitsandbytes' dequantize_4bit of the same storage read as [64, 64] (its CPU kernel is right
+    when in_features is a multiple of the blocksize). The nested absmax is a product, then a sum, each rounded;
+    `emu_fma` builds the kernels with contraction on, as nvcc does, where an unpinned product-then-sum becomes one
+    fused multiply-add and some of the 64 blocks' values differ by an ulp."""
+    bnbF = pytest.importorskip("bitsandbytes.functional")
+    from quant_helpers import norm_args, quantize_4bit
+
+    lib = request.getfixturevalue(variant)
+    W = torch.randn(64, 64, generator=torch.Generator().manual_seed(7)) * 3
+    n = W.numel()
+    A, B = torch.ones(1, 1), torch.zeros(n, 1)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        packed, qs = quantize_4bit(W.to(dtype), *fmt)
+        want = bnbF.dequantize_4bit(packed, qs).float().reshape(-1).abs()
+        nested = norm_args(qs)
+        got = lib.weight_norm_4bit(packed.view(-1), qs.absmax, qs.code, qs.blocksize, nested.get("absmax_code"),
+                                   nested.get("absmax_scale"), nested.get("absmax_offset"),
+                                   nested.get("absmax_blocksize", 0), n, 1, dtype, A, B, 0.7)
+        differ = (got != want).nonzero().flatten()
+        assert differ.numel() == 0, (f"{variant} {fmt} {dtype_id(dtype)}: {differ.numel()} of {n} values differ "
+                                     f"from bitsandbytes', first row {differ[:1].tolist()}: "
+                                     f"{got[differ[:1]].tolist()} vs {want[differ[:1]].tolist()}")
+
+
+# --------------------------------------------------------------------------- dora_mixed's magnitude dtypes
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dora_mixed_float64_magnitudes_over_a_lower_precision_result(emu, dtype):
+    """float64 magnitudes and norms (float64 adapters) over a float32 or bfloat16 base output: the op accumulates in
+    the result's dtype, as dora_linear and dora_rescale do, with the magnitudes converted to it: the same values as
+    a call with them converted first (bit for bit), and the float64 reference's within the result dtype's rounding.
+    (The host op is the same code as the main extension's: csrc/dora_mixed.cpp.)"""
+    gen = torch.Generator().manual_seed(3)
+    T, in_f, out_f = 9, 5, 7
+    x = torch.randn(T, in_f, generator=gen).to(dtype)
+    result, bias = torch.randn(T, out_f, generator=gen).to(dtype), torch.randn(out_f, generator=gen).to(dtype)
+    A = [torch.randn(r, in_f, generator=gen, dtype=torch.float64) for r in (2, 3)]
+    B = [torch.randn(out_f, a.shape[0], generator=gen, dtype=torch.float64) for a in A]
+    m = torch.rand(2, out_f, generator=gen, dtype=torch.float64) + 0.5
+    n = torch.rand(2, out_f, generator=gen, dtype=torch.float64) + 0.5
+    idx = torch.tensor([0, 1, 2, 0, 1, 2, 0, 0, 1])
+    got = emu.dora_mixed(result, bias, x, A, B, [0.5, 2.0], m, n, idx)
+    assert got.dtype == dtype
+    assert torch.equal(got, emu.dora_mixed(result, bias, x, A, B, [0.5, 2.0], m.float(), n.float(), idx))
+    want = ref.dora_mixed(result.double(), x.double(), [(A[k], B[k], s, m[k], n[k]) for k, s in ((0, 0.5), (1, 2.0))],
+                          idx, bias=bias.double())
+    close(got, want, dtype, f"dora_mixed {dtype_id(dtype)} with float64 magnitudes")

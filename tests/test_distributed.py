@@ -1,5 +1,6 @@
 """DDP and FSDP2 (fully_shard) with 2 CPU processes over gloo: the same first-step gradients, losses and SGD updates
-as single-process training, and an adapter saved from the (sharded) model that loads into a fresh model.
+as single-process training, and an adapter saved from the (sharded) model that loads into a fresh model; and FSDP1
+with use_orig_params=True on a converted PEFT model, which must stay on the fused path.
 
 Tolerances (tests/helpers.py explains the approach): two half batches run GEMMs of other shapes (other kernels,
 other summation orders) and an all-reduce adds in another order, so the two-process run is another fp32
@@ -37,12 +38,17 @@ def _load(path: Path) -> dict:
 
 
 def _run(mode: str, out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run([sys.executable, str(SCRIPT), mode, str(out), str(_free_port())], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return {"losses": json.loads((out / "losses.json").read_text()), "grads": _load(out / "grads.safetensors"),
-            "init": _load(out / "init" / "adapter_model.safetensors"),
-            "trained": _load(out / "adapter" / "adapter_model.safetensors")}
+    got = {"losses": json.loads((out / "losses.json").read_text()), "grads": _load(out / "grads.safetensors")}
+    if mode.startswith("peft"):  # PEFT's model: path counts, no adapter files (dist_train.py)
+        got["stats"] = json.loads((out / "stats.json").read_text())
+    else:
+        got["init"] = _load(out / "init" / "adapter_model.safetensors")
+        got["trained"] = _load(out / "adapter" / "adapter_model.safetensors")
+    return got
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +78,23 @@ def test_two_process_training_matches_single_process(single, mode, tmp_path):
 
     fresh = dora_ext.load_adapter(tiny_llama(), tmp_path / "adapter")
     assert len(dora_ext.dora_layers(fresh)) == 14
+
+
+def test_fsdp1_use_orig_params_keeps_biased_layers_fused(tmp_path):
+    """FSDP1 with use_orig_params=True hands the layers views of a flat parameter that requires grad, so the frozen
+    biases of a biased Llama's projections report requires_grad=True in the forward. PEFT DoRA converted by
+    from_peft stays on the fused op there (no call of PEFT's own DoRA forward), and gives single-process training's
+    losses and first-step gradients (the criterion above, against a float64 single-process run)."""
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    ref, oracle = _run("peft_single", tmp_path / "single"), _run("peft_single64", tmp_path / "single64")
+    got = _run("peft_fsdp1", tmp_path / "fsdp1")
+    layers_times_steps = 14 * 3
+    assert ref["stats"] == {"peft_forward": 0, "fused_grad_bias": 0}  # one process: the frozen biases are frozen
+    assert got["stats"] == {"peft_forward": 0, "fused_grad_bias": layers_times_steps}  # the FSDP1 case, fused
+    assert got["losses"] == pytest.approx(ref["losses"], rel=1e-5)
+    assert got["losses"][-1] < got["losses"][0]
+    assert got["grads"].keys() == ref["grads"].keys() and len(ref["grads"]) == 14 * 3
+    for k, g in ref["grads"].items():
+        assert (g.norm() > 0) != ("lora_A" in k), k  # B = 0 at init: dA is exactly 0 on step 1, the rest is not
+        assert_error_within(got["grads"][k], g, oracle["grads"][k], msg=f"first-step gradient {k}")

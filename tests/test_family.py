@@ -100,7 +100,7 @@ def test_edora_merge_save_load_and_peft_export(tmp_path):
     y = model(x)
     dora_ext.save_adapter(model, tmp_path / "edora")
     cfg = json.loads((tmp_path / "edora" / "adapter_config.json").read_text())
-    assert cfg["peft_type"] == "DORA_EXT" and cfg["dora_ext_variant"] == "edora"
+    assert cfg["peft_type"] == dora_ext.config.EDORA_PEFT_TYPE and cfg["dora_ext_variant"] == "edora"
     keys = safetensors.torch.load_file(str(tmp_path / "edora" / "adapter_model.safetensors")).keys()
     assert {"base_model.model.up.lora_R", "base_model.model.up.lora_A.weight",
             "base_model.model.up.lora_magnitude_vector"} <= set(keys)
@@ -109,7 +109,9 @@ def test_edora_merge_save_load_and_peft_export(tmp_path):
     assert {n for n, p in loaded.named_parameters() if p.requires_grad} == {
         n for n, p in model.named_parameters() if p.requires_grad}
     torch.testing.assert_close(loaded.eval()(x), y, atol=0, rtol=0)
-    with pytest.raises(Exception):  # PEFT refuses the EDoRA file by name instead of silently dropping R
+    # PEFT refuses the EDoRA file by its peft_type instead of silently dropping R; that lookup's KeyError shows the
+    # value, which says what to do
+    with pytest.raises(KeyError, match=r"as_dora=True"):
         peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "edora"))
     dora_ext.save_adapter(model, tmp_path / "as_dora", as_dora=True)
     pmodel = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "as_dora")).eval()
@@ -278,7 +280,7 @@ def test_loraplus_groups_next_to_peft():
     assert o_lr["emb.lora_magnitude_vector.default.weight"] == (1e-3, 0.0)
     assert o_lr["head.weight"] == (1e-3, 0.1)
     assert set(o_lr) == {n for n, p in ours.named_parameters() if p.requires_grad}
-    groups = {g["name"] for g in dora_ext.loraplus_param_groups(_inject("edora", dtype=torch.float32)[1], 1e-3)}
-    assert groups == {"scale"}  # EDoRA trains only R and the magnitude
+    with pytest.raises(ValueError, match="no trainable lora_B"):  # EDoRA trains only R and the magnitude: LoRA+
+        dora_ext.loraplus_param_groups(_inject("edora", dtype=torch.float32)[1], 1e-3)  # would be plain training
     with pytest.raises(ValueError, match="no trainable parameters"):
         dora_ext.loraplus_param_groups(nn.Linear(2, 2).requires_grad_(False), 1e-3)

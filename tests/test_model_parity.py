@@ -199,14 +199,17 @@ def test_eval_norm_cache_per_adapter_is_invalidated_by_updates(monkeypatch):
     calls = []
     real = dora_ext.ops.weight_norm
     monkeypatch.setattr(dora_ext.ops, "weight_norm", lambda *a: calls.append(1) or real(*a))
-    y = run(ours, inputs)
-    assert len(calls) == 3
     run(ours, inputs)
-    assert len(calls) == 3  # cached: one [out] vector per layer and adapter
-    with torch.no_grad():
-        ours.lin.lora_B["default"].weight.mul_(1.5)  # an optimizer step's in-place update
-    y2 = run(ours, inputs)
-    assert len(calls) == 4 and not torch.allclose(y, y2)
-    ours.train()
-    run(ours, inputs)
-    assert len(calls) == 7  # training never uses the cache
+    assert len(calls) == 3  # the default: no cache
+    with dora_ext.norm_caching():  # opt-in
+        y = run(ours, inputs)
+        assert len(calls) == 6
+        run(ours, inputs)
+        assert len(calls) == 6  # cached: one [out] vector per layer and adapter
+        with torch.no_grad():
+            ours.lin.lora_B["default"].weight.mul_(1.5)  # an optimizer step's in-place update
+        y2 = run(ours, inputs)
+        assert len(calls) == 7 and not torch.allclose(y, y2)
+        ours.train()
+        run(ours, inputs)
+        assert len(calls) == 10  # training never uses the cache

@@ -1,4 +1,5 @@
-"""torch.library.opcheck on every op: schema, autograd registration, fake tensors, and AOT dispatch (compile)."""
+"""torch.library.opcheck on every op (the eight public ones and the two backward ops), all in this file: schema,
+autograd registration, fake tensors, and AOT dispatch (compile)."""
 
 import pytest
 import torch
@@ -80,3 +81,43 @@ def test_dora_rescale_backward(device, has_base):
     grad = torch.randn(2, 4, 10, device=device)
     for mask in ([not has_base, has_base, True, True, True], [False, False, False, False, True]):
         torch.library.opcheck(_ops.dora_rescale_backward, (grad, u, B, m, norm, acc, 1.5, has_base, mask))
+
+
+@pytest.mark.parametrize("row_group", [0, 32])
+@pytest.mark.parametrize("nested", [False, True])
+def test_weight_norm_4bit(device, nested, row_group):
+    """Synthetic packed codes (no bitsandbytes needed): the op's contract is the layout, not the quantizer."""
+    if row_group and device != "cpu":
+        pytest.skip("bitsandbytes' CPU layout exists on the CPU only")
+    gen = torch.Generator().manual_seed(3)
+    out_f, in_f = 32, 128
+    packed = torch.randint(0, 256, (out_f * in_f // 2,), generator=gen, dtype=torch.uint8).to(device)
+    code = torch.linspace(-1, 1, 16, device=device)
+    A, B = torch.randn(2, in_f, device=device), torch.randn(out_f, 2, device=device)
+    blocks = out_f * in_f // 64
+    if nested:
+        absmax = torch.randint(0, 256, (blocks,), generator=gen, dtype=torch.uint8).to(device)
+        extra = (torch.linspace(0, 1, 256, device=device), torch.rand(2, device=device) + 0.5,
+                 torch.tensor([0.25], device=device), blocks // 2)
+    else:
+        absmax = torch.rand(blocks, generator=gen).to(device) + 0.5
+        extra = (None, None, None, 0)
+    torch.library.opcheck(_ops.weight_norm_4bit, (packed, absmax, code, 64, *extra, out_f, in_f, torch.bfloat16, A, B,
+                                                  0.5, row_group))
+
+
+def test_weight_norm_int8(device):
+    gen = torch.Generator().manual_seed(3)
+    CB = torch.randint(-127, 128, (8, 128), generator=gen, dtype=torch.int8).to(device)
+    A, B = torch.randn(2, 128, device=device), torch.randn(8, 2, device=device)
+    torch.library.opcheck(_ops.weight_norm_int8, (CB, torch.rand(8, device=device) + 0.1, A, B, 0.5))
+
+
+def test_dora_mixed(device):
+    x, W, b, A, B, m = make_dora_inputs(12, 10, 3, device=device, lead=(4, 2))
+    norm = ops.weight_norm(W, A, B, 1.5)
+    result = torch.nn.functional.linear(x, W, b)
+    A2, B2 = torch.randn(2, 12, device=device), torch.randn(10, 2, device=device)
+    mags, norms = torch.stack([m, torch.ones_like(m)]), torch.stack([norm, torch.ones_like(norm)])
+    index = torch.tensor([0, 1, 2, 0], device=device).repeat_interleave(2)
+    torch.library.opcheck(_ops.dora_mixed, (result, b, x, [A, A2], [B, B2], [1.5, 0.5], mags, norms, index))

@@ -269,6 +269,76 @@ def test_from_peft_fuses_peft_qdora(case):
     assert dora_ext.peft_variants.is_fused(ours.base_model.model.q, "fresh")
 
 
+_PATCH_AT_START = r"""
+import sys
+import torch, peft, dora_ext
+from dora_ext import peft_variants
+from peft.tuners.lora import LoraLayer
+from helpers import assert_close_normwise
+from quant_helpers import TwoLinears, quantized_copy
+
+# what makes the case: PEFT imports its bitsandbytes layers only when it first dispatches one
+assert "peft.tuners.lora.bnb" not in sys.modules
+dora_ext.patch_peft()  # at program start, as a training script does
+
+
+def build(bits):
+    torch.manual_seed(0)
+    base = quantized_copy(TwoLinears(), bits, ["q", "k"], "nf4", True, torch.float32)
+    torch.manual_seed(1)
+    return peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q", "k"], use_dora=True))
+
+
+def loss_and_grads(model, x):
+    model.train()
+    y = model(x)
+    y.square().mean().backward()
+    return y.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+ours = {bits: build(bits) for bits in (4, 8)}
+import peft.tuners.lora.bnb as peft_bnb
+for bits, cls in ((4, peft_bnb.Linear4bit), (8, peft_bnb.Linear8bitLt)):
+    for name in ("q", "k"):
+        layer = getattr(ours[bits].base_model.model, name)
+        assert type(layer) is cls, type(layer)  # PEFT's own bitsandbytes layer, defined after patch_peft()
+        assert peft_variants.is_fused(layer, "default"), (bits, name)
+dora_ext.unpatch_peft()  # PEFT's classes as they were, the lazily defined ones included
+assert not peft_variants._PATCHED and "__init_subclass__" not in LoraLayer.__dict__
+assert not hasattr(peft_bnb.Linear4bit.resolve_lora_variant, "__wrapped__")
+x = torch.randn(6, 64, generator=torch.Generator().manual_seed(4))
+for bits in (4, 8):
+    theirs = build(bits)
+    assert not peft_variants.is_fused(theirs.base_model.model.q, "default")
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # the same trained-looking adapters on both
+        for (name, p), q in zip(ours[bits].named_parameters(), theirs.parameters()):
+            if "lora_B" in name or "lora_magnitude_vector" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+                q.copy_(p)
+    y_ours, g_ours = loss_and_grads(ours[bits], x)
+    y_theirs, g_theirs = loss_and_grads(theirs, x)
+    assert_close_normwise(y_ours, y_theirs, 1e-5, f"{bits}-bit output")
+    assert g_ours.keys() == g_theirs.keys() and len(g_ours) == 6
+    for name, g in g_theirs.items():
+        assert_close_normwise(g_ours[name], g, 1e-5, f"{bits}-bit {name}")
+print("OK")
+"""
+
+
+def test_patch_peft_at_program_start_fuses_bitsandbytes_layers_peft_defines_later():
+    """patch_peft() before PEFT has imported peft.tuners.lora.bnb (a fresh interpreter): the Linear4bit and
+    Linear8bitLt layers get_peft_model then creates are fused, and give unpatched PEFT's outputs and gradients
+    (1e-5 norm-wise: summation order, as test_from_peft_fuses_peft_qdora); unpatch_peft restores those classes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.run([sys.executable, "-c", _PATCH_AT_START], cwd=Path(__file__).parent, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-4000:]
+
+
 @pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[-1]], ids=case_id)
 def test_merge_and_unload_follows_peft(case):
     """Dequantize, merge, requantize, PEFT's warning: the same requantized layer as PEFT's merge."""
@@ -313,7 +383,7 @@ def test_merge_unmerge_and_two_adapters_with_the_eval_cache(monkeypatch):
     calls = []
     real = quantized.weight_norm
     monkeypatch.setattr(quantized, "weight_norm", lambda *a: calls.append(1) or real(*a))
-    with torch.enable_grad():
+    with torch.enable_grad(), dora_ext.norm_caching():  # the eval cache is opt-in
         first = ours(x).detach()
         assert len(calls) == 4  # 2 layers × 2 adapters
         assert torch.equal(ours(x).detach(), first) and len(calls) == 4  # eval: the cached norms
@@ -478,8 +548,9 @@ class _Residual(nn.Module):
         return self.lin(x) + 1.0
 
 
-def _residual_model(case, route):
-    """(ours, PEFT QDoRA's) with the same adapters on one quantized _Residual, built by inject or from_peft."""
+def _residual_model(case, route, **mode):
+    """(ours, PEFT QDoRA's) with the same adapters on one quantized _Residual, built by inject or from_peft;
+    `mode`: activation_memory=..., or nothing for the default."""
     torch.manual_seed(0)
     base = _Residual()
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["lin"], use_dora=True)
@@ -487,12 +558,12 @@ def _residual_model(case, route):
     _perturb(theirs)
     if route == "inject":
         ours = dora_ext.inject(quantized_copy(base, case[0], ["lin"], case[1] or "nf4", case[2], case[3]),
-                               dora_ext.DoRAConfig(r=4, alpha=8, target_modules=["lin"]))
+                               dora_ext.DoRAConfig(r=4, alpha=8, target_modules=["lin"], **mode))
         ours.load_state_dict({k.removeprefix("base_model.model."): v for k, v in theirs.state_dict().items()
                               if "lora_" in k}, strict=False)
     else:
         ours = dora_ext.from_peft(peft.get_peft_model(
-            quantized_copy(base, case[0], ["lin"], case[1] or "nf4", case[2], case[3]), config))
+            quantized_copy(base, case[0], ["lin"], case[1] or "nf4", case[2], case[3]), config), **mode)
         _copy_adapters(theirs, ours)
     return ours, theirs
 
@@ -500,10 +571,11 @@ def _residual_model(case, route):
 @pytest.mark.parametrize("route", ["inject", "from_peft"])
 @pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[-1]], ids=case_id)
 def test_qdora_output_freed_in_the_forward_is_recomputed_by_bitsandbytes(case, route):
-    """A QDoRA layer's output that dies in the forward (behind a residual add) is freed by default (in ≤ out), so
-    the forward keeps what QLoRA's keeps; backward recomputes acc with bitsandbytes' own product of x, and the
-    gradients match PEFT QDoRA's (whose forward keeps its dense temporaries' results instead)."""
-    ours, theirs = _residual_model(case, route)
+    """A QDoRA layer's output that dies in the forward (behind a residual add) is freed in "balanced" (in ≤ out),
+    so the forward keeps what QLoRA's keeps; backward recomputes acc with bitsandbytes' own product of x, and the
+    gradients match PEFT QDoRA's (whose forward keeps its dense temporaries' results instead). The default
+    ("fast") keeps it."""
+    ours, theirs = _residual_model(case, route, activation_memory="balanced")
     x = torch.randn(512, 64, generator=torch.Generator().manual_seed(4), requires_grad=True)
     y_ours, g_ours = _loss_and_grads(ours, x)
     y_theirs, g_theirs = _loss_and_grads(theirs, x)
@@ -519,6 +591,6 @@ def test_qdora_output_freed_in_the_forward_is_recomputed_by_bitsandbytes(case, r
     _, _, held_qlora = memory_levels(lambda: qlora(x).float().square().mean())
     _, _, held_ours = memory_levels(lambda: ours(x).float().square().mean())
     assert held_ours <= held_qlora + tensor // 8, (held_ours, held_qlora, tensor)
-    with ops.activation_memory("output"):  # the probe sees the output where it is kept
-        _, _, held_kept = memory_levels(lambda: ours(x).float().square().mean())
+    kept, _ = _residual_model(case, route)  # the probe sees the output where it is kept
+    _, _, held_kept = memory_levels(lambda: kept(x).float().square().mean())
     assert held_kept >= held_qlora + tensor, (held_kept, held_qlora, tensor)

@@ -174,6 +174,62 @@ def test_generate_with_mixed_adapters_gives_each_row_its_adapter_tokens():
         assert torch.equal(mixed[i:i + 1], alone), name
 
 
+def test_beam_search_inside_mixed_adapters_gives_each_prompt_its_adapter():
+    model = served_model()
+    names = ["chat", "__base__", "edora", "sql"]
+    ids = llama_batch(batch=len(names), seq=6)["input_ids"]
+    for kw in (dict(num_beams=2), dict(num_beams=3, num_return_sequences=2)):
+        kw.update(max_new_tokens=5, do_sample=False, pad_token_id=0)
+        k = kw.get("num_return_sequences", 1)
+        with torch.no_grad(), dora_ext.mixed_adapters(model, names):
+            mixed = model.generate(ids, **kw)
+        assert mixed.shape[0] == k * len(names)
+        for i, name in enumerate(names):
+            if name == "__base__":
+                with torch.no_grad(), dora_ext.disable_adapters(model):
+                    alone = model.generate(ids[i:i + 1], **kw)
+            else:
+                dora_ext.set_adapter(model, name)
+                with torch.no_grad():
+                    alone = model.generate(ids[i:i + 1], **kw)
+            assert torch.equal(mixed[k * i:k * (i + 1)], alone), (kw, name)
+    assert "generate" not in vars(model)  # the block's wrapper is gone
+    # outside generate a batch that does not match the names is still an error, with what to do
+    with pytest.raises(ValueError, match=r"got 4 names for a batch of 8 \(generate\(\) with num_beams"):
+        with torch.no_grad(), dora_ext.mixed_adapters(model, names):
+            model(input_ids=ids.repeat_interleave(2, dim=0))
+
+
+def test_mixed_adapters_block_caches_norms_for_its_duration(monkeypatch):
+    model = served_model()
+    ids = llama_batch(batch=len(NAMES), seq=8)["input_ids"]
+    calls = []
+    real = ops.weight_norm
+    monkeypatch.setattr(ops, "weight_norm", lambda *a: calls.append(1) or real(*a))
+    layers = dora_ext.dora_layers(model).values()
+    with torch.no_grad():
+        with dora_ext.mixed_adapters(model, NAMES):
+            first = model(input_ids=ids).logits
+            computed = len(calls)
+            assert computed > 0 and torch.equal(model(input_ids=ids).logits, first)
+            assert len(calls) == computed  # the second forward reuses every norm
+            with dora_ext.norm_caching(False):  # an explicit off holds inside the block too
+                model(input_ids=ids)
+                assert len(calls) == 2 * computed
+            model(input_ids=ids)  # kept again for the rest of the block
+            assert len(calls) == 3 * computed and all(len(layer._norm_cache) for layer in layers)
+        assert not any(len(layer._norm_cache) for layer in layers)  # dropped at the block's exit
+        for name, p in model.named_parameters():  # a write the version counters do not see, between blocks
+            if "lora_B" in name:
+                p.data.mul_(1.5)
+        with dora_ext.mixed_adapters(model, NAMES):
+            mixed = model(input_ids=ids).logits
+        for i, name in enumerate(NAMES):
+            alone = single(model, name, input_ids=ids[i:i + 1])  # the default: uncached
+            assert_close_normwise(mixed[i:i + 1], alone, TOLERANCES[torch.float32]["rtol"], f"sample {i} ({name})")
+        assert not any(len(layer._norm_cache) for layer in layers)
+
+
 def test_mixed_adapters_refusals():
     model = served_model()
     ids = llama_batch(batch=2, seq=4)["input_ids"]

@@ -21,13 +21,14 @@
 #include "compat.h"
 
 namespace dora_ext::cuda {
-namespace {
+DORA_KERNELS_NAMESPACE {  // anonymous in the CUDA build (compat.h)
 
 constexpr int kThreads = 256;
 // Rows of W per block in the low-rank kernels: B's row values are warp-uniform loads, A's columns are loaded once
 // per block and reused for these rows.
 constexpr int kRowsPerBlock = 8;
-constexpr int64_t kMaxGridY = 65535;
+// Grid y is at most DORA_MAX_GRID_Y (CUDA's 65535; compat.h): the [T, N] launches clamp their row groups to it
+// and their kernels stride over the rest.
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -165,8 +166,9 @@ void launch_lowrank_rows(at::Tensor& W, const at::Tensor& A, const at::Tensor& B
 
 // Column-parallel launch shape for [T, N] passes: x over columns (coalesced), y over row groups.
 dim3 column_grid(int64_t T, int64_t N, int64_t rows_per_thread) {
+    const int64_t row_groups = std::max<int64_t>(1, ceil_div(T, rows_per_thread));
     return dim3(static_cast<unsigned>(ceil_div(N, kThreads)),
-                static_cast<unsigned>(std::min(kMaxGridY, std::max<int64_t>(1, ceil_div(T, rows_per_thread)))));
+                static_cast<unsigned>(std::min<int64_t>(DORA_MAX_GRID_Y, row_groups)));
 }
 
 template <typename scalar_t, typename acc_t>
@@ -263,7 +265,7 @@ T* ptr_or_null(const at::Tensor& t) {
     return t.defined() ? t.data_ptr<T>() : nullptr;
 }
 
-}  // namespace
+}  // DORA_KERNELS_NAMESPACE
 
 at::Tensor lowrank_row_norm(const at::Tensor& W, const at::Tensor& A, const at::Tensor& B, double s) {
     auto norm = at::empty({W.size(0)}, A.options());
@@ -361,7 +363,8 @@ void backward_reduce(BackwardReduce& r) {
     at::Tensor sum_part = want_sum ? at::empty({chunks, N}, r.g.options()) : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.grad.scalar_type(), "dora_ext::backward_reduce", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        const dim3 grid(static_cast<unsigned>(ceil_div(N, kThreads)), static_cast<unsigned>(std::min(kMaxGridY, chunks)));
+        const dim3 grid(static_cast<unsigned>(ceil_div(N, kThreads)),
+                        static_cast<unsigned>(std::min<int64_t>(DORA_MAX_GRID_Y, chunks)));
         auto* reduce = &backward_reduce_kernel<scalar_t, acc_t>;
         DORA_LAUNCH(reduce, grid, kThreads, stream,
             r.grad.const_data_ptr<scalar_t>(), want_dot ? r.acc.const_data_ptr<scalar_t>() : nullptr,

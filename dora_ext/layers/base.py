@@ -6,11 +6,13 @@ conv.py, embedding.py, quantized_linear.py) says how its tensors map to [out, in
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor, nn
 
 from .. import functional, ops, serving
+from ..activation_policy import DEFAULT_MODE, check_mode
 from ..config import check_alpha, check_dropout, check_rank
 from ..layer_state import MergeLedger, NormCache
 from ..variants import DoRA, Variant
@@ -55,11 +57,15 @@ class DoRALayer(nn.Module):
         self.scaling: dict[str, float] = {}
         self.use_rslora: dict[str, bool] = {}
         self.variants: dict[str, Variant] = {}  # adapter -> its variant object (dora_ext.variants)
+        # adapter -> what the fused ops keep for its magnitude gradient (dora_ext.activation_policy; None: the
+        # context's mode), a runtime choice like the adapter dtype: DoRAConfig.activation_memory
+        self.activation_memory: dict[str, str | None] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
         self._ledger = MergeLedger()  # merged adapter -> what unmerging needs (layer_state.py)
-        self._norm_cache = NormCache()  # eval only
+        self._norm_cache = NormCache()  # eval only, opt-in (layer_state.norm_caching)
+        self._warned_merged_training = False
         self.mixed_names: list[str] | None = None  # one adapter name per sample (dora_ext.mixed_adapters), or None
 
     # ----------------------------------------------------------------------------------- per-type hooks
@@ -160,10 +166,12 @@ class DoRALayer(nn.Module):
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
                     adapter_dtype: torch.dtype | None = None, variant: Variant | None = None,
-                    sigma: float = 1e-5) -> None:
+                    sigma: float = 1e-5, activation_memory: str | None = DEFAULT_MODE) -> None:
         """A fresh adapter of `variant` (default DoRA; dora_ext.variants says what each one creates and how it is
         initialised, e.g. DoRA: PEFT's init, output unchanged); it becomes active only if no adapter is active yet,
-        as in PEFT. s = alpha/r (alpha/√r with rsLoRA), fixed while dynamic-rank components are pruned."""
+        as in PEFT. s = alpha/r (alpha/√r with rsLoRA), fixed while dynamic-rank components are pruned.
+        activation_memory: what its fused forward keeps for backward (dora_ext.activation_policy), or None for the
+        context's mode; the attribute `activation_memory[name]` may be changed later."""
         what = f"dora_ext.{type(self).__name__}.add_adapter"
         variant = DoRA() if variant is None else variant
         if not isinstance(name, str) or not name or name in self.r:
@@ -171,6 +179,7 @@ class DoRALayer(nn.Module):
         check_rank(r, what)
         check_alpha(alpha, what)
         check_dropout(dropout, what)
+        check_mode(activation_memory, what, allow_none=True)
         if not self.supports(variant):
             raise ValueError(f"{what}: {type(self).__name__} layers support variants "
                              f"{[c.label() for c in self.supported_variants]}, got {variant.label()}")
@@ -180,22 +189,40 @@ class DoRALayer(nn.Module):
         if adapter_dtype is None:
             adapter_dtype = self._default_adapter_dtype()
         factory = {"device": self.weight.device, "dtype": adapter_dtype}
-        self.variants[name] = variant
-        self._create_factors(name, r, factory)
-        for container, tensor in variant.create_extras(r, factory).items():
-            getattr(self, container)[name] = tensor
-        self.r[name], self.lora_alpha[name], self.use_rslora[name] = r, alpha, use_rslora
-        self.scaling[name] = alpha / (math.sqrt(r) if use_rslora else r)
-        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        with torch.no_grad():
-            self._init_adapter(name, sigma)
-            if self.has_magnitude(name):
-                norm = self.weight_norm(name).to(adapter_dtype).reshape(self._magnitude_shape())
-                self.lora_magnitude_vector[name] = Magnitude(nn.Parameter(norm))
-        self.set_adapter(self.active_adapters or [name])
+        active = list(self.active_adapters)
+        try:  # a failure half-way (a bad dtype, out of memory) must leave no trace of the adapter
+            self.variants[name] = variant
+            self._create_factors(name, r, factory)
+            for container, tensor in variant.create_extras(r, factory).items():
+                getattr(self, container)[name] = tensor
+            self.r[name], self.lora_alpha[name], self.use_rslora[name] = r, alpha, use_rslora
+            self.activation_memory[name] = activation_memory
+            self.scaling[name] = alpha / (math.sqrt(r) if use_rslora else r)
+            self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+            with torch.no_grad():
+                self._init_adapter(name, sigma)
+                if self.has_magnitude(name):
+                    norm = self.weight_norm(name).to(adapter_dtype).reshape(self._magnitude_shape())
+                    self.lora_magnitude_vector[name] = Magnitude(nn.Parameter(norm))
+            self.set_adapter(self.active_adapters or [name])
+        except BaseException:
+            self.forget_adapter(name, active)
+            raise
 
-    def set_adapter(self, names: str | list[str]) -> None:
-        """Make `names` the active adapters; their parameters become trainable, the others frozen (PEFT)."""
+    def forget_adapter(self, name: str, active: list[str]) -> None:
+        """Remove every trace of adapter `name` (also a half-created one) and make `active` the active adapters,
+        without PEFT's delete semantics: what a model-level call that fails uses to undo its own add."""
+        for container in vars(self)["_modules"].values():
+            if isinstance(container, (nn.ModuleDict, nn.ParameterDict)) and name in container:
+                del container[name]
+        for d in (self.r, self.lora_alpha, self.scaling, self.use_rslora, self.variants, self.activation_memory):
+            d.pop(name, None)
+        self._norm_cache.pop(name)
+        self.set_adapter([a for a in active if a in self.r])
+
+    def set_adapter(self, names: str | list[str], inference_mode: bool = False) -> None:
+        """Make `names` the active adapters; their parameters become trainable (frozen with inference_mode), the
+        others frozen (PEFT)."""
         names = [names] if isinstance(names, str) else list(names)
         unknown = [n for n in names if n not in self.r]
         if unknown:
@@ -204,7 +231,7 @@ class DoRALayer(nn.Module):
         self.active_adapters = names
         for name in self.adapter_names:
             for (_, _, trainable), p in zip(self.tensor_specs(name), self.params_of(name)):
-                p.requires_grad_(trainable and name in names)
+                p.requires_grad_(trainable and name in names and not inference_mode)
 
     def delete_adapter(self, name: str) -> None:
         if name not in self.r:
@@ -213,18 +240,19 @@ class DoRALayer(nn.Module):
         if name in self.merged_adapters:
             raise RuntimeError(f"dora_ext.{type(self).__name__}.delete_adapter: adapter {name!r} is merged; "
                                "unmerge() first")
-        for container, _, _ in self.tensor_specs(name):
-            del getattr(self, container)[name]
-        del self.lora_dropout[name]
-        for d in (self.r, self.lora_alpha, self.scaling, self.use_rslora, self.variants):
-            del d[name]
-        self._norm_cache.pop(name)
-        self.active_adapters = [a for a in self.active_adapters if a != name]
+        was_active = name in self.active_adapters
+        remaining_active = [a for a in self.active_adapters if a != name]
+        self.forget_adapter(name, remaining_active)
+        if was_active and not remaining_active and self.r:
+            # PEFT's rule (BaseTunerLayer.delete_adapter): the first remaining adapter, by name, becomes active
+            new = sorted(self.r)[0]
+            warnings.warn(f"Adapter {name} was active which is now deleted. Setting active adapter to {new}.")
+            self.set_adapter(new)
 
     def _active(self) -> list[str]:
         return [a for a in self.active_adapters if a in self.r]
 
-    def _dropout_p(self, name: str) -> float:
+    def dropout_p(self, name: str) -> float:
         return float(getattr(self.lora_dropout[name], "p", 0.0))
 
     # -------------------------------------------------------------------------------------------- the norm
@@ -237,12 +265,13 @@ class DoRALayer(nn.Module):
         return ops.weight_norm(self.weight_2d(weight), A, B, self.scaling[name])
 
     def _current_norm(self, name: str, factors: tuple[Tensor, Tensor]) -> Tensor:
-        """The norm for a forward; in eval kept until W, A, B or the scaling change (layer_state.NormCache)."""
+        """The norm for a forward: with caching on (dora_ext.norm_caching, PEFT's DoraCaching, or inside a
+        mixed_adapters block) and in eval, kept until W, A, B or the scaling change; else computed (NormCache)."""
         return self._norm_cache.norm(name, lambda: (*self._norm_key(), *self.norm_inputs(name)), self.scaling[name],
                                      self.training, lambda: self.weight_norm(name, factors=factors))
 
     def clear_cache(self) -> None:
-        """Drop the eval-time norm cache (needed only after writing parameters through `.data`)."""
+        """Drop the eval-time norm cache (needed only with caching on, after writing parameters through `.data`)."""
         self._norm_cache.clear()
 
     def train(self, mode: bool = True):
@@ -257,8 +286,8 @@ class DoRALayer(nn.Module):
         A, B = self.factors(name)  # built once: for EDoRA / dynamic rank they are [out, r] products
         m = self.lora_magnitude_vector[name].weight if self.has_magnitude(name) else None
         norm = self._current_norm(name, (A, B)) if m is not None else None  # plain LoRA: no norm, no gain
-        return functional.Adapter(*self._forward_factors(name, A, B), m, self.scaling[name], self._dropout_p(name),
-                                  norm)
+        return functional.Adapter(*self._forward_factors(name, A, B), m, self.scaling[name], self.dropout_p(name),
+                                  norm, self.activation_memory.get(name, DEFAULT_MODE))
 
     # --------------------------------------------------------------------------------------------- merging
     def _check_mergeable(self) -> None:
@@ -272,41 +301,72 @@ class DoRALayer(nn.Module):
         """Called with _merge_target()'s tensor once merging or unmerging edited it (a quantized kind requantizes)."""
 
     @torch.no_grad()
-    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> list[str]:
         """Fold adapters (default: the active ones) into the base weight in place: W ← g ⊙ (W + s·B·A), each g from
-        the *unmerged* base weight (PEFT 0.21). safe_merge: merge a copy first and refuse non-finite results."""
+        the *unmerged* base weight (PEFT 0.21). safe_merge: merge a copy first and refuse non-finite results.
+        Returns the adapters it merged (already merged ones are skipped with PEFT's warnings)."""
         self._check_mergeable()
-        names = [a for a in (self._active() if adapter_names is None else adapter_names)
-                 if a not in self.merged_adapters]
-        unknown = [a for a in names if a not in self.r]
-        if unknown:
-            raise ValueError(f"dora_ext.{type(self).__name__}.merge: unknown adapter(s) {unknown}")
+        names = self.to_merge(adapter_names)
+        if self.merged:  # PEFT's check_adapters_to_merge, with its warnings
+            if names:
+                warnings.warn(f"Already following adapters were merged {','.join(self.merged_adapters)}. "
+                              f"You are now additionally merging {','.join(names)}.")
+            else:
+                warnings.warn("All adapters are already merged, nothing to do.")
         if not names:
-            return
+            return []
+        if safe_merge:
+            self.check_merge(names)
         weight = self._merge_target()
         base = self._unmerged_weight(weight)
         norms = {a: self.weight_norm(a, base) for a in names}
-        if safe_merge:
-            trial = weight.detach().clone()
-            for a in names:
-                self._ledger.merge_(a, self.weight_2d(trial), *self.factors(a), self._magnitude_of(a), norms[a],
-                                    self.scaling[a], record=False)
-            if not torch.isfinite(trial).all():
-                raise ValueError(f"dora_ext.{type(self).__name__}.merge: NaN/inf in the merged weight of adapters "
-                                 f"{names}; the layer was left unmerged")
         for a in names:
             self._ledger.merge_(a, self.weight_2d(weight), *self.factors(a), self._magnitude_of(a), norms[a],
                                 self.scaling[a])
         self._commit_merge(weight)
         self.merged_adapters.extend(names)
+        return names
+
+    def to_merge(self, adapter_names: list[str] | None) -> list[str]:
+        """The adapters merge(adapter_names) would merge (the active ones by default; not those merged already)."""
+        if isinstance(adapter_names, str):
+            raise TypeError(f"dora_ext.{type(self).__name__}.merge: expected a list of adapter names, got "
+                            f"{adapter_names!r}")
+        names = list(self._active() if adapter_names is None else adapter_names)
+        unknown = [a for a in names if a not in self.r]
+        if unknown:
+            raise ValueError(f"dora_ext.{type(self).__name__}.merge: unknown adapter(s) {unknown}")
+        return [a for a in names if a not in self.merged_adapters]
+
+    @torch.no_grad()
+    def check_merge(self, names: list[str], safe_merge: bool = True) -> None:
+        """Raise, changing nothing, if merging `names` is refused: a kind that cannot merge, or (safe_merge) NaN/inf
+        in the merged weight, computed on a copy."""
+        self._check_mergeable()
+        if not names or not safe_merge:
+            return
+        weight = self._merge_target()
+        base = self._unmerged_weight(weight)
+        trial = weight.detach().clone()
+        for a in names:
+            self._ledger.merge_(a, self.weight_2d(trial), *self.factors(a), self._magnitude_of(a),
+                                self.weight_norm(a, base), self.scaling[a], record=False)
+        if not torch.isfinite(trial).all():
+            raise ValueError(f"dora_ext.{type(self).__name__}.merge: NaN/inf in the merged weight of adapters "
+                             f"{names}; the layer was left unmerged")
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Undo merge() (all merged adapters, last first) with the norms kept at merge time."""
-        if not self.merged_adapters:
+        self.unmerge_last(len(self.merged_adapters))
+
+    @torch.no_grad()
+    def unmerge_last(self, count: int) -> None:
+        """Undo the last `count` merges (what a failed model-level merge uses to undo its own)."""
+        if not count:
             return
         weight = self._merge_target()
-        while self.merged_adapters:
+        for _ in range(count):
             a = self.merged_adapters.pop()
             self._ledger.unmerge_(a, self.weight_2d(weight), *self.factors(a), self._magnitude_of(a), self.scaling[a])
         self._commit_merge(weight)
@@ -333,6 +393,12 @@ class DoRALayer(nn.Module):
         if self.mixed_names is not None and not self.disable_adapters:
             return self._mixed_forward(x, self.mixed_names, *args, **kwargs)
         active = self._active()
+        if (self.merged and self.training and torch.is_grad_enabled() and not self._warned_merged_training
+                and any(p.requires_grad for a in self.merged_adapters for p in self.params_of(a))):
+            self._warned_merged_training = True
+            warnings.warn(f"dora_ext.{type(self).__name__}: a training forward through merged adapters "
+                          f"{self.merged_adapters}: the base weight holds them, so they get no gradients; "
+                          "unmerge first to train them")
         if self.disable_adapters or self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
         return self._adapted_forward(x, active, *args, **kwargs)

@@ -1,0 +1,184 @@
+"""Writing adapters in PEFT's format: adapter_config.json + adapter_model.safetensors, keys as PEFT saves them
+(peft/utils/save_and_load.py get_peft_model_state_dict): `base_model.model.<module>.lora_A.weight`, `.lora_B.weight`,
+`.lora_magnitude_vector` (Embedding: `.lora_embedding_A`, `.lora_embedding_B`), adapter name stripped.
+
+save_adapter writes into a temporary directory next to the target and renames, so a failed save leaves no
+half-written adapter. `save_pretrained` is what a transformers model built by dora_ext.inject answers to
+`model.save_pretrained` / `Trainer.save_model`: the adapters in PEFT's layout, as a PeftModel saves them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .model_state import AdapterConfigs, adapter_root, dora_layers
+
+__all__ = ["save_adapter", "adapter_state_dict", "adapter_tensors", "install_save_pretrained",
+           "uninstall_save_pretrained", "CONFIG_NAME", "WEIGHTS_NAME", "KEY_PREFIX"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."
+
+
+def _full(t: Tensor) -> Tensor:
+    """The whole tensor of a parameter: FSDP2 shards are DTensors (full_tensor() is a collective: every rank calls)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _is_writer() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, tuple[Tensor, bool]]:
+    """{saved key: (parameter, trainable)} of one adapter as the model holds it (unfolded)."""
+    return {f"{KEY_PREFIX}{name}.{suffix}": (p, trainable)
+            for name, layer in dora_layers(model).items() if adapter_name in layer.r
+            for (_, suffix, trainable), p in zip(layer.tensor_specs(adapter_name), layer.params_of(adapter_name))}
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default",
+                       as_dora: bool = False) -> tuple[dict[str, Tensor], dict[str, int], dict[str, float]]:
+    """({saved key: whole tensor}, rank_pattern, alpha_pattern) of one adapter, as save_adapter writes it.
+
+    Dynamic-rank adapters are written as ordinary DoRA/LoRA adapters: the gates are folded into B (B·diag(c)), pruned
+    components are dropped, and each layer's rank and scaling go into rank_pattern / alpha_pattern (alpha = s·r, so
+    that alpha/r is the fixed s = alpha/r₀ of training). as_dora=True writes an EDoRA adapter the same way, as a
+    PEFT DoRA adapter with B·R folded (for serving with PEFT; training EDoRA further needs the EDoRA file)."""
+    out = {key: _full(p.detach()) for key, (p, _) in adapter_tensors(model, adapter_name).items()}
+    ranks, alphas = {}, {}
+    for name, layer in dora_layers(model).items():
+        if adapter_name not in layer.r:
+            continue
+        variant = layer.variants[adapter_name]
+        full = {c: _full(t.detach()) for c, t in layer.extras(adapter_name).items()}
+        A, B = (_full(t.detach()) for t in layer._factor_tensors(adapter_name))
+        exported = variant.export(A, B, full, as_dora)  # the variant's own fold (B·R, gates), or None
+        if exported is None:
+            continue
+        prefix = f"{KEY_PREFIX}{name}."
+        for _, suffix, _ in variant.extra_specs():
+            out.pop(prefix + suffix)
+        out[prefix + "lora_A.weight"], out[prefix + "lora_B.weight"] = exported
+        rank = exported[0].shape[0]
+        ranks[re.escape(name)] = rank
+        alphas[re.escape(name)] = layer.scaling[adapter_name] * rank
+    if not out:
+        raise ValueError(f"dora_ext.save_adapter: the model has no adapter {adapter_name!r}")
+    return out, ranks, alphas
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
+                 base_model_name_or_path: str | None = None, as_dora: bool = False) -> None:
+    """Write `adapter_name` as an adapter directory (adapter_config.json + adapter_model.safetensors).
+
+    DoRA, LoRA and dynamic-rank adapters are PEFT adapters that PeftModel.from_pretrained loads with the same
+    outputs (dynamic rank: folded, see adapter_state_dict). EDoRA keeps its own keys (lora_A/lora_B frozen SVD
+    factors, lora_R, lora_magnitude_vector) under peft_type "DORA_EXT"; as_dora=True exports it as PEFT DoRA.
+    Under torch.distributed every rank must call it (sharded tensors are gathered); rank 0 writes."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():  # checked before anything is written or gathered
+        raise ValueError(f"dora_ext.save_adapter: expected a directory path (new or existing), got {str(path)!r}, "
+                         "which is an existing file")
+    if not dora_layers(model) and adapter_root(model) is not model:
+        raise ValueError("dora_ext.save_adapter: this PeftModel's layers are PEFT's (from_peft keeps them): save it "
+                         "with its own PeftModel.save_pretrained, which writes the same files")
+    if not dora_layers(model) and any(type(m).__name__ == "DoRALinear" for m in model.modules()):
+        raise ValueError("dora_ext.save_adapter: this model holds DoRALinear modules (the single-layer API), which "
+                         "carry no adapter name or config; save them with the model's state_dict, or build the "
+                         "model with dora_ext.inject(model, DoRAConfig(...)) to get PEFT's adapter files")
+    config = AdapterConfigs.of(model).get(adapter_name)
+    state, ranks, alphas = adapter_state_dict(model, adapter_name, as_dora)
+    if config is None:
+        raise ValueError(f"dora_ext.save_adapter: no DoRAConfig recorded for adapter {adapter_name!r} (was it added "
+                         "with dora_ext.inject or load_adapter?)")
+    if ranks:  # folded: an ordinary adapter with per-layer ranks and scalings
+        variant = "dora" if config.variant == "edora" else config.variant
+        config = dataclasses.replace(config, variant=variant, dynamic_rank=False, use_rslora=False,
+                                     r=max(ranks.values()), rank_pattern=ranks, alpha_pattern=alphas)
+    if not _is_writer():
+        return
+    from safetensors.torch import save_file
+
+    tensors = {k: v.to("cpu").contiguous() for k, v in state.items()}
+    meta = config.to_peft_dict(base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path",
+                                                                   None))
+    _write_dir_atomically(path, {
+        WEIGHTS_NAME: lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
+        CONFIG_NAME: lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True)),
+    })
+
+
+def _write_dir_atomically(path: Path, writers: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        for name, write in writers.items():
+            write(tmp / name)
+        if not path.exists():
+            os.rename(tmp, path)  # the whole directory appears at once
+        else:  # weights first: a config never points at weights that are not there yet
+            for name in writers:
+                os.replace(tmp / name, path / name)
+            tmp.rmdir()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ------------------------------------------------------------------------- model.save_pretrained / Trainer.save_model
+class _SavePretrained:
+    """What `model.save_pretrained` does on a transformers model built by dora_ext.inject (Trainer.save_model and
+    checkpointing call it): the adapters in PEFT's layout, as PeftModel.save_pretrained writes them (the adapter
+    "default" in the directory, any other under a subdirectory of its name), so PeftModel.from_pretrained,
+    dora_ext.load_adapter and transformers' adapter loading read them back. transformers' own save would write the
+    wrapped layers' keys (`q_proj.base_layer.weight`, ...), which its from_pretrained cannot map back: the adapted
+    projections would reload randomly initialised. Refused when parameters outside the adapters are trainable: an
+    adapter-only save would lose them."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, save_directory, *args, is_main_process: bool = True, selected_adapters=None, **kwargs):
+        model = self.model
+        adapters = AdapterConfigs.of(model)
+        names = list(adapters) if selected_adapters is None else list(selected_adapters)
+        unknown = [n for n in names if n not in adapters]
+        if unknown:
+            raise ValueError(f"dora_ext (model.save_pretrained): unknown adapter(s) {unknown}, present: "
+                             f"{sorted(adapters)}")
+        held = {id(p) for layer in dora_layers(model).values() for a in layer.adapter_names
+                for p in layer.params_of(a)}
+        extra = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
+        if extra:
+            raise ValueError(f"dora_ext (model.save_pretrained): {len(extra)} trainable parameter(s) outside the "
+                             f"adapters ({extra[:3]}...) would be lost by an adapter-only save; save the adapters "
+                             "with dora_ext.save_adapter and those parameters with torch.save(state_dict), or "
+                             "dora_ext.merge_and_unload(model) first to save the whole merged model")
+        if not is_main_process:
+            return
+        for name in names:
+            path = Path(save_directory) if name == "default" else Path(save_directory) / name
+            save_adapter(model, path, adapter_name=name)
+
+
+def install_save_pretrained(model: nn.Module) -> None:
+    """Give a transformers model (one with a class-level save_pretrained) the adapter-only save above."""
+    if callable(getattr(type(model), "save_pretrained", None)) and "save_pretrained" not in vars(model):
+        model.save_pretrained = _SavePretrained(model)
+
+
+def uninstall_save_pretrained(model: nn.Module) -> None:
+    """Back to the class's own save_pretrained (after merge_and_unload / unload: the model is plain again)."""
+    if isinstance(vars(model).get("save_pretrained"), _SavePretrained):
+        del model.save_pretrained
