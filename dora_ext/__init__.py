@@ -25,11 +25,11 @@ from .dynamic_rank import DynamicRankAllocator  # noqa: E402
 from .layer_state import norm_caching  # noqa: E402
 from .loraplus import create_loraplus_optimizer, loraplus_param_groups  # noqa: E402
 from .model import (  # noqa: E402
-    add_adapter, delete_adapter, disable_adapters, dora_layers, from_peft, get_nb_trainable_parameters, inject,
+    add_adapter, delete_adapter, disable_adapters, dora_layers, get_nb_trainable_parameters, inject,
     merge_and_unload, print_trainable_parameters, set_adapter, unload,
 )
 from .modules import DoRALinear  # noqa: E402
-from .peft_variants import patch_peft, peft_patched, unpatch_peft  # noqa: E402
+from .peft_patching import from_peft, patch_peft, peft_patched, unpatch_peft  # noqa: E402
 from .serving import mixed_adapters  # noqa: E402
 
 __version__ = "0.1.0"

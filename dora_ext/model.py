@@ -17,7 +17,7 @@ from .model_state import AdapterConfigs, ModelChange, adapter_root, dora_layers,
 from .saving import install_save_pretrained, uninstall_save_pretrained
 
 __all__ = ["AdapterConfigs", "inject", "add_adapter", "get_nb_trainable_parameters", "print_trainable_parameters", "set_adapter", "delete_adapter", "disable_adapters",
-           "merge_and_unload", "unload", "dora_layers", "from_peft", "adapter_root", "target_plan"]
+           "merge_and_unload", "unload", "dora_layers", "adapter_root", "target_plan"]
 
 def _linear_types() -> tuple:
     conv1d = conv1d_type()
@@ -227,17 +227,3 @@ def print_trainable_parameters(model: nn.Module) -> None:
     """PEFT's print_trainable_parameters line for a dora_ext model."""
     trainable, total = get_nb_trainable_parameters(model)
     print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
-
-
-# ------------------------------------------------------------------------------------------------- from PEFT
-def from_peft(peft_model: nn.Module, *, activation_memory: str | None = "fast") -> nn.Module:
-    """Make a live PeftModel's DoRA adapters run dora_ext's fused kernels, in place, and keep every PeftModel method
-    working: the layers stay PEFT's own (peft_variants.py: dora_ext's arithmetic as PEFT LoRA variants), so
-    parameters, state_dict keys, save_pretrained, load_adapter/add_adapter (new DoRA adapters are fused too),
-    set_adapter, delete_adapter, disable_adapter, merging and `adapter_names` batches are PEFT's. Plain LoRA
-    adapters stay PEFT's LoRA. activation_memory: what the fused forward keeps for backward, for this model's
-    layers ("fast", "balanced", "min_memory", "acc"; None: the context's mode; dora_ext.activation_policy).
-    Returns the model."""
-    from .peft_variants import convert_peft_model
-
-    return convert_peft_model(peft_model, activation_memory=activation_memory)

@@ -368,7 +368,7 @@ def test_activation_memory_modes_are_validated():
                  lambda: dora_ext.from_peft(torch.nn.Linear(2, 2), activation_memory="x")):
         with pytest.raises(ValueError, match="expected activation_memory one of"):
             call()
-    assert not dora_ext.peft_variants._PATCHED  # a refused patch_peft patched nothing
+    assert not dora_ext.peft_patching._PATCHED  # a refused patch_peft patched nothing
     assert ops.current_mode() == "fast"  # the default
     assert ops.set_activation_memory("balanced") == "fast"
     try:
@@ -567,8 +567,8 @@ def test_patch_peft_gives_its_mode_to_the_layers_it_fuses():
         low = _peft_stack()
         with dora_ext.peft_patched():  # nested: the default for what is built inside
             fast = _peft_stack()
-        assert dora_ext.peft_variants._PATCH_MODE == "min_memory"  # restored on leaving the inner block
-    assert not dora_ext.peft_variants._PATCHED
+        assert dora_ext.peft_patching._PATCH_MODE == "min_memory"  # restored on leaving the inner block
+    assert not dora_ext.peft_patching._PATCHED
     for model, count in ((low, 2), (fast, 0)):
         layers = [m for m in model.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
         assert len(layers) == 2 and all(dora_ext.peft_variants.is_fused(m, "default") for m in layers)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import dora_ext
-from dora_ext import peft_variants
+from dora_ext import peft_patching, peft_variants
 from model_helpers import ALL_TOY_TARGETS, Toy, flat, perturb_, toy_inputs
 
 TOL = dict(atol=2e-5, rtol=2e-5)
@@ -139,9 +139,9 @@ def test_layers_peft_creates_after_conversion_are_fused_match_peft_and_serve_mix
     created = [name for name, layer in layers.items() if "sql" not in layer.lora_A]
     assert len(created) == 4 and len(layers) == 6  # v_proj and down_proj of both decoder layers are new objects
     assert_all_fused(ours)
-    assert all(isinstance(layer, peft_variants._FusedResolve) for layer in layers.values())
+    assert all(isinstance(layer, peft_patching._FusedResolve) for layer in layers.values())
     assert not any(peft_variants.is_fused(layer, "chat") for layer in peft_layers(ref).values())  # plain PEFT's
-    assert not peft_variants._PATCHED  # PEFT's classes are hooked only while the converted model creates a layer
+    assert not peft_patching._PATCHED  # PEFT's classes are hooked only while the converted model creates a layer
     for m in (ref, ours):
         m.set_adapter("chat")
     if how == "add_adapter":

@@ -272,7 +272,7 @@ def test_from_peft_fuses_peft_qdora(case):
 _PATCH_AT_START = r"""
 import sys
 import torch, peft, dora_ext
-from dora_ext import peft_variants
+from dora_ext import peft_patching, peft_variants
 from peft.tuners.lora import LoraLayer
 from helpers import assert_close_normwise
 from quant_helpers import TwoLinears, quantized_copy
@@ -304,7 +304,7 @@ for bits, cls in ((4, peft_bnb.Linear4bit), (8, peft_bnb.Linear8bitLt)):
         assert type(layer) is cls, type(layer)  # PEFT's own bitsandbytes layer, defined after patch_peft()
         assert peft_variants.is_fused(layer, "default"), (bits, name)
 dora_ext.unpatch_peft()  # PEFT's classes as they were, the lazily defined ones included
-assert not peft_variants._PATCHED and "__init_subclass__" not in LoraLayer.__dict__
+assert not peft_patching._PATCHED and "__init_subclass__" not in LoraLayer.__dict__
 assert not hasattr(peft_bnb.Linear4bit.resolve_lora_variant, "__wrapped__")
 x = torch.randn(6, 64, generator=torch.Generator().manual_seed(4))
 for bits in (4, 8):
