@@ -159,7 +159,7 @@ def linear_mixed(x: Tensor, result: Tensor, bias: Tensor | None, names: Sequence
     def adapter_of(name):
         A, B = layer.factors(name)
         m = layer.lora_magnitude_vector[name].weight if layer.has_magnitude(name) else None
-        norm = layer._current_norm(name, (A, B)) if m is not None else None  # the eval cache
+        norm = layer.current_norm(name, (A, B)) if m is not None else None  # the eval cache
         return A, B, layer.scaling[name], m, norm
 
     return mixed_output(x, result, bias, names, layer.r, adapter_of)

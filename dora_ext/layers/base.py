@@ -264,7 +264,7 @@ class DoRALayer(nn.Module):
         A, B = self.factors(name) if factors is None else factors
         return ops.weight_norm(self.weight_2d(weight), A, B, self.scaling[name])
 
-    def _current_norm(self, name: str, factors: tuple[Tensor, Tensor]) -> Tensor:
+    def current_norm(self, name: str, factors: tuple[Tensor, Tensor]) -> Tensor:
         """The norm for a forward: with caching on (dora_ext.norm_caching, PEFT's DoraCaching, or inside a
         mixed_adapters block) and in eval, kept until W, A, B or the scaling change; else computed (NormCache)."""
         return self._norm_cache.norm(name, lambda: (*self._norm_key(), *self.norm_inputs(name)), self.scaling[name],
@@ -285,7 +285,7 @@ class DoRALayer(nn.Module):
     def _adapter(self, name: str) -> functional.Adapter:
         A, B = self.factors(name)  # built once: for EDoRA / dynamic rank they are [out, r] products
         m = self.lora_magnitude_vector[name].weight if self.has_magnitude(name) else None
-        norm = self._current_norm(name, (A, B)) if m is not None else None  # plain LoRA: no norm, no gain
+        norm = self.current_norm(name, (A, B)) if m is not None else None  # plain LoRA: no norm, no gain
         return functional.Adapter(*self._forward_factors(name, A, B), m, self.scaling[name], self.dropout_p(name),
                                   norm, self.activation_memory.get(name, DEFAULT_MODE))
 
