@@ -90,6 +90,8 @@ def nvidia_wheel_includes() -> list[str]:
 def extensions():
     with_cuda = cuda_requested()
     debug = os.environ.get("DORA_EXT_DEBUG") == "1"
+    # csrc/ holds the product's sources and the headers they include, nothing else (tests/test_build.py checks it):
+    # the CUDA emulation the tests compile kernels.cuh over is in tests/cuda_emulation.
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O0", "-g"] if debug else ["-O3"]
     cxx.append("-fopenmp")  # at::parallel_for is inlined into our code: without OpenMP it runs serially

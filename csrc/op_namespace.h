@@ -13,9 +13,13 @@
 #define TORCH_LIBRARY_FOR(ns, m) TORCH_LIBRARY(ns, m)
 #define TORCH_LIBRARY_IMPL_FOR(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
 
+// What an op registration hands the dispatcher: the function itself. The emulation build defines its wrapper in a
+// header it force-includes (tests/cuda_emulation/include/emulated_ops.h), so the product sources include no test
+// header; without it the emulated ops would run unguarded, hence the error.
 #ifdef DORA_EXT_EMULATE_CUDA
-#include "cuda/nan_fill.h"
-#define DORA_EXT_IMPL(fn) (&::dora_ext::emu::NanFilled<decltype(&fn), &fn>::call)
+#ifndef DORA_EXT_IMPL
+#error "DORA_EXT_EMULATE_CUDA without DORA_EXT_IMPL: the emulation build force-includes emulated_ops.h (-include)"
+#endif
 #else
 #define DORA_EXT_IMPL(fn) (&fn)
 #endif

@@ -1,6 +1,8 @@
 """Reading adapters in PEFT's format (saving.py writes them). load_adapter checks everything (config, file integrity,
 key set, shapes, dtypes, finiteness, and the config of an adapter that already exists) before it changes the model,
-so a refused checkpoint leaves the model exactly as it was.
+so a refused checkpoint leaves the model exactly as it was. Besides the adapter's own tensors, a file may hold the base
+weights of targeted input/output embeddings (PEFT's save_embedding_layers, saving.py); they are copied into the base
+layers, as PEFT's load does.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from torch import Tensor, nn
 from .config import DoRAConfig
 from .layers import DoRALayer, layer_class_for
 from .model import add_to_model, target_plan
-from .model_state import ModelChange, dora_layers, refuse_peft_layers
-from .saving import CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, adapter_state_dict, adapter_tensors, save_adapter
+from .model_state import ModelChange, adapter_root, dora_layers, refuse_peft_layers
+from .saving import (CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, adapter_state_dict, adapter_tensors,
+                     embedding_base_layers, save_adapter)
 
 __all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -37,7 +40,7 @@ def _read(path: Path) -> tuple[DoRAConfig, dict[str, Tensor]]:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{what}: {cfg_file} is not valid JSON ({exc})") from exc
     config = DoRAConfig.from_peft_dict(raw, str(cfg_file))
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # safetensors is optional: only reading an adapter needs it
 
     try:
         tensors = load_file(str(weights_file))
@@ -47,11 +50,13 @@ def _read(path: Path) -> tuple[DoRAConfig, dict[str, Tensor]]:
     return config, tensors
 
 
-def _expected(model: nn.Module, config: DoRAConfig, adapter_name: str) -> tuple[DoRAConfig | None, dict]:
-    """(config to inject with, or None when the adapter exists; {saved key: shape})."""
+def _expected(model: nn.Module, config: DoRAConfig, adapter_name: str) -> tuple[bool, dict, dict]:
+    """(whether the adapter is new; {saved key: shape} of its tensors; {saved key: base tensor} a file may add: the
+    base layers of the targeted layers that are the model's input/output embeddings, as PEFT saves them)."""
     existing = adapter_tensors(model, adapter_name)
     if existing:
-        return None, {key: tuple(p.shape) for key, (p, _) in existing.items()}
+        holders = {name: layer for name, layer in dora_layers(model).items() if adapter_name in layer.r}
+        return False, {key: tuple(p.shape) for key, (p, _) in existing.items()}, _base_tensors(model, holders)
     config, plan = target_plan(model, config)
     shapes = {}
     for name, mod in plan.items():
@@ -59,11 +64,22 @@ def _expected(model: nn.Module, config: DoRAConfig, adapter_name: str) -> tuple[
         shapes_of = layer_class_for(base).adapter_shapes(base, config.layer_rank_for(name), config.variant_object())
         for suffix, shape in shapes_of.items():
             shapes[f"{KEY_PREFIX}{name}.{suffix}"] = tuple(shape)
-    return config, shapes
+    return True, shapes, _base_tensors(model, plan)
 
 
-def _validate(tensors: dict, shapes: dict, source: Path) -> None:
+def _base_tensors(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, Tensor]:
+    """{saved key: tensor} of the embedding base layers among `layers` (saving.embedding_base_layers): the same
+    tensor objects before and after the layer is wrapped, since wrapping keeps the base module."""
+    return {f"{KEY_PREFIX}{name}.{k}": t
+            for name, base in embedding_base_layers(adapter_root(model), layers).items()
+            for k, t in base.state_dict(keep_vars=True).items()}
+
+
+def _validate(tensors: dict, shapes: dict, source: Path, optional: dict | None = None) -> None:
+    """Refuse a file whose keys are not `shapes` (plus any of `optional`) or whose tensors are not finite floating
+    point tensors of the expected shapes."""
     what = f"dora_ext.load_adapter: {source}"
+    shapes = {**shapes, **{key: shape for key, shape in (optional or {}).items() if key in tensors}}
     missing = sorted(set(shapes) - set(tensors))
     unexpected = sorted(set(tensors) - set(shapes))
     if missing or unexpected:
@@ -91,19 +107,26 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     refuse_peft_layers(model, "load_adapter")
     path = Path(path)
     config, tensors = _read(path)
-    inject_config, shapes = _expected(model, config, adapter_name)
-    if inject_config is None:
+    new, shapes, bases = _expected(model, config, adapter_name)
+    if not new:
         _check_existing(model, config, adapter_name, path)
-    _validate(tensors, shapes, path)
+    _validate(tensors, shapes, path, {key: tuple(t.shape) for key, t in bases.items()})
+    merged = [name for name, layer in dora_layers(model).items() if layer.merged
+              and any(key.startswith(f"{KEY_PREFIX}{name}.base_layer.") for key in bases if key in tensors)]
+    if merged:
+        raise ValueError(f"dora_ext.load_adapter: {path} holds the base weights of {merged}, whose base weights hold "
+                         "merged adapters (unmerging after the copy would corrupt them): unmerge first")
     if config.variant == "lora" and not config.dynamic_rank:
         warnings.warn(f"dora_ext.load_adapter: {path} holds a plain LoRA adapter (use_dora is false in its "
                       "config); it is loaded as LoRA, without a magnitude")
     with ModelChange(model) as change:
-        if inject_config is not None:
-            add_to_model(model, inject_config, adapter_name, change)
+        if new:
+            add_to_model(model, config, adapter_name, change)
         params = adapter_tensors(model, adapter_name)
+        targets = {key: t for key, t in bases.items() if key in tensors}
+        targets.update({key: p for key, (p, _) in params.items()})
         with torch.no_grad():
-            for key, (p, _) in params.items():
+            for key, p in targets.items():
                 old = p.detach().clone()
                 _copy_into(p, tensors[key])
                 change.on_undo(lambda p=p, old=old: _restore(p, old))
@@ -148,7 +171,7 @@ def _restore(p: Tensor, old: Tensor) -> None:
 
 def _copy_into(p: Tensor, value: Tensor) -> None:
     if hasattr(p, "device_mesh"):  # FSDP2 DTensor shard: distribute the full tensor the same way
-        from torch.distributed.tensor import distribute_tensor
+        from torch.distributed.tensor import distribute_tensor  # optional in torch builds: only for FSDP2 shards
 
         value = distribute_tensor(value.to(p.dtype), p.device_mesh, p.placements)
     p.copy_(value)

@@ -45,8 +45,6 @@ _PEFT_NEUTRAL_DEFAULTS = {
     "bias": "none",
     "lora_bias": False,
     "modules_to_save": None,
-    "layers_to_transform": None,
-    "layers_pattern": None,
     "layer_replication": None,
     "target_parameters": None,
     "trainable_token_indices": None,
@@ -68,7 +66,10 @@ class DoRAConfig:
     """The knobs of PEFT's LoraConfig(use_dora=True) that define a DoRA adapter (same names, defaults, matching).
 
     target_modules: a list (exact module names or name suffixes after a "."), a str (a regex that must match a
-    whole module name), or "all-linear". exclude_modules: the same rules, checked first. rank_pattern /
+    whole module name), or "all-linear". exclude_modules: the same rules, checked first. layers_to_transform (an
+    int or a list of ints; a list target_modules only) keeps the suffix-matched modules of those layer indices:
+    the index after `layers_pattern` (a str or list of str) in the name, or after the first "<name>." segment
+    when there is no pattern (PEFT's check_target_module_exists). rank_pattern /
     alpha_pattern: {regex: value}, matched against the end of a module name, first match wins. fan_in_fan_out:
     the base weight is stored [in, out] (transformers Conv1D sets it automatically, as PEFT does).
     adapter_dtype: dtype of new adapter parameters; None = float32 for fp16/bf16 bases (PEFT's default
@@ -90,6 +91,8 @@ class DoRAConfig:
     use_rslora: bool = False
     target_modules: str | list[str] | None = None
     exclude_modules: str | list[str] | None = None
+    layers_to_transform: int | list[int] | None = None
+    layers_pattern: str | list[str] | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     fan_in_fan_out: bool = False
@@ -123,18 +126,52 @@ class DoRAConfig:
             _check(value is None or isinstance(value, str) or
                    (isinstance(value, list) and all(isinstance(v, str) for v in value)),
                    f"expected {name} as a str or a list of str, got {value!r}")
+        self._check_layers()
         for key, rank in self.rank_pattern.items():
             check_rank(rank, "DoRAConfig", f"rank_pattern[{key!r}]")
         for key, alpha in self.alpha_pattern.items():
             check_alpha(alpha, "DoRAConfig", f"alpha_pattern[{key!r}]")
+
+    def _check_layers(self) -> None:
+        """LoraConfig's rules for layers_to_transform / layers_pattern (peft/tuners/lora/config.py __post_init__)."""
+        layers, pattern = self.layers_to_transform, self.layers_pattern
+        _check(layers is None or (isinstance(layers, int) and not isinstance(layers, bool)) or
+               (isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)),
+               f"expected layers_to_transform as an int or a list of int, got {layers!r}")
+        _check(pattern is None or isinstance(pattern, str) or
+               (isinstance(pattern, list) and all(isinstance(p, str) for p in pattern)),
+               f"expected layers_pattern as a str or a list of str, got {pattern!r}")
+        if isinstance(self.target_modules, str):
+            _check(layers is None and pattern is None, "layers_to_transform and layers_pattern need target_modules "
+                   f"as a list (a str is a regex or {ALL_LINEAR!r}), got target_modules={self.target_modules!r}")
+        _check(not pattern or layers is not None, f"layers_pattern={pattern!r} needs layers_to_transform")
 
     # ------------------------------------------------------------------------------------------- target matching
     def is_excluded(self, key: str) -> bool:
         return _matches(self.exclude_modules, key) if self.exclude_modules else False
 
     def is_target(self, key: str) -> bool:
-        """PEFT's check_target_module_exists (tuners_utils.py) for the fields DoRAConfig has."""
-        return not self.is_excluded(key) and _matches(self.target_modules, key)
+        """PEFT's check_target_module_exists (tuners_utils.py) for the fields DoRAConfig has: an exact name in the
+        list is a target whatever its layer; a suffix match must also be in layers_to_transform."""
+        if self.is_excluded(key) or not _matches(self.target_modules, key):
+            return False
+        if isinstance(self.target_modules, str) or key in self.target_modules:
+            return True
+        return self._in_layers(key)
+
+    def _in_layers(self, key: str) -> bool:
+        layers = self.layers_to_transform
+        if layers is None or layers == []:
+            return True
+        if not self.layers_pattern:  # the first numbered segment: `a.layers.3.x` -> 3, never a nested expert index
+            match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+        else:
+            patterns = [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern
+            match = next((m for p in patterns if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", key))), None)
+        if match is None:
+            return False
+        index = int(match.group("idx"))
+        return index == layers if isinstance(layers, int) else index in layers
 
     def rank_for(self, key: str) -> int:
         return self.rank_pattern.get(_pattern_key(self.rank_pattern, key), self.r)
@@ -152,7 +189,10 @@ class DoRAConfig:
         return math.ceil(1.5 * r) if self.dynamic_rank else r
 
     def resolve_all_linear(self, model: nn.Module, linear_types: tuple) -> "DoRAConfig":
-        """A copy whose "all-linear" became the list of Linear/Conv1D name suffixes, minus the output head (PEFT)."""
+        """A copy whose "all-linear" became a list matching every Linear/Conv1D module but the output head, as PEFT's
+        _maybe_include_all_linear_layers: a name suffix where every module of that suffix is one of them (a short
+        list, as PEFT's _find_minimal_target_modules writes), else the full names (the head, or a non-linear module,
+        may share the suffix)."""
         if not (isinstance(self.target_modules, str) and self.target_modules.lower() == ALL_LINEAR):
             return self
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -161,16 +201,23 @@ class DoRAConfig:
         # model targets the same layers.
         wrappers = {name for name, mod in model.named_modules()
                     if name and hasattr(mod, "base_layer") and hasattr(mod, "lora_magnitude_vector")}
-        names = set()
+        targets = set()
         for name, mod in model.named_modules():
             if not name or not isinstance(mod, linear_types) or mod is head:
                 continue
             parts = name.split(".")
             owner = next((".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) in wrappers), None)
             if owner is None:
-                names.add(parts[-1])
+                targets.add(name)
             elif name == owner + ".base_layer":
-                names.add(owner.split(".")[-1])
+                targets.add(owner)
+        by_suffix: dict[str, set[str]] = {}
+        for name in targets:
+            by_suffix.setdefault(name.rsplit(".", 1)[-1], set()).add(name)
+        names = set()
+        for suffix, members in by_suffix.items():
+            holders = {n for n, _ in model.named_modules() if n == suffix or n.endswith("." + suffix)}
+            names.update([suffix] if holders == members else members)
         return dataclasses.replace(self, target_modules=sorted(names))
 
     # ----------------------------------------------------------------------------------------- PEFT config files
@@ -194,6 +241,8 @@ class DoRAConfig:
             "use_dora": self.variant != "lora",
             "target_modules": self.target_modules,
             "exclude_modules": self.exclude_modules,
+            "layers_to_transform": self.layers_to_transform,
+            "layers_pattern": self.layers_pattern,
             "rank_pattern": dict(self.rank_pattern),
             "alpha_pattern": dict(self.alpha_pattern),
             "fan_in_fan_out": self.fan_in_fan_out,
@@ -237,7 +286,8 @@ class DoRAConfig:
         return cls(r=d.get("r", 8), alpha=d.get("lora_alpha", 8), dropout=d.get("lora_dropout", 0.0) or 0.0,
                    use_rslora=bool(d.get("use_rslora", False)),
                    target_modules=sorted(target) if isinstance(target, (list, set)) else target,
-                   exclude_modules=d.get("exclude_modules"), rank_pattern=dict(d.get("rank_pattern") or {}),
+                   exclude_modules=d.get("exclude_modules"), layers_to_transform=d.get("layers_to_transform"),
+                   layers_pattern=d.get("layers_pattern"), rank_pattern=dict(d.get("rank_pattern") or {}),
                    alpha_pattern=dict(d.get("alpha_pattern") or {}),
                    fan_in_fan_out=bool(d.get("fan_in_fan_out", False)), variant=variant,
                    edora_sigma=d.get("edora_sigma", 1e-5))

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .layers import DoRALayer
-from .model import AdapterConfigs, dora_layers
+from .model_state import AdapterConfigs, dora_layers
 from .variants import keep_components
 
 __all__ = ["DynamicRankAllocator"]

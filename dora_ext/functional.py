@@ -1,4 +1,9 @@
-"""Layer-level DoRA forwards with PEFT 0.21 semantics, built on dora_ext.ops (the layers in layers.py call these).
+"""Every DoRA forward formula, one function per layer kind, with PEFT 0.21 semantics, built on dora_ext.ops. Both
+front-ends only map their storage onto these: dora_ext's own layers (layers/) hand over their active adapters as
+a list (`linear`, `rescale`, `conv`, `embedding`); PEFT's layers with the fused variants (peft_variants.py) call
+the one-adapter forms (`rescale_one`, `conv_one`, `embedding_one`) from the variant's forward, since PEFT's layer
+forward loops over the active adapters itself. The norm (`weight_norm`, dense or read from a bitsandbytes layer's
+packed weight) and the magnitude at init (`init_magnitude`) are here too, for both.
 
 Linear (nn.Linear, transformers Conv1D): the first active adapter runs the fused op (one GEMM pass, fused epilogue,
 fused backward). Conv1d/2d/3d and Embedding: the convolution / gather stays in ATen (the DoRA epilogue is a cheap
@@ -6,8 +11,15 @@ elementwise pass next to it); what PEFT makes expensive there is the norm, which
 ΔW and a copy of W every step, and that runs in the fused weight_norm op here.
 
 Several active adapters on one layer compose as PEFT does (peft/tuners/lora/layer.py Linear.forward: each active
-adapter's variant.forward updates the running result), every one after the first through plain ATen ops: in eval, or without dropout, multiplicatively, y = g₂ ⊙ (y₁ − b + s₂·B₂A₂x) + b; in training
-with dropout p > 0, additively, y = y₁ + (g₂−1) ⊙ W·x_d + g₂ ⊙ s₂·B₂A₂x_d. Embeddings compose multiplicatively always.
+adapter's variant.forward updates the running result): in eval, or without dropout, multiplicatively,
+y = g₂ ⊙ (y₁ − b + s₂·B₂A₂x) + b; in training with dropout p > 0, additively, y = y₁ + (g₂−1) ⊙ W·x_d +
+g₂ ⊙ s₂·B₂A₂x_d. Embeddings compose multiplicatively always.
+
+The dtype rule, PEFT's (peft/tuners/lora/layer.py, bnb.py): x is cast to the adapter's dtype, each adapter's update
+is computed in promote(result dtype, adapter dtype) and returned in it, and the layer casts its output back to the
+base output's dtype: once, after all adapters, for Linear, Conv1D, Conv and Embedding; after each adapter for
+bitsandbytes layers. The one-adapter forms return the promoted dtype (PEFT's layer forward casts back); the list
+forms cast back as the matching PEFT layer does. Norms are clamped to numerics.NORM_EPS before g = m / n.
 """
 
 from __future__ import annotations
@@ -16,16 +28,19 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from . import ops
+from . import ops, quantized
+from .numerics import NORM_EPS
 
-__all__ = ["Adapter", "linear", "rescale", "conv", "embedding"]
+__all__ = ["Adapter", "weight_norm", "norm_key", "init_magnitude", "layer_product", "linear", "rescale",
+           "rescale_one", "ConvSpec", "conv_spec", "conv", "conv_one", "embedding", "embedding_one"]
 
 
 class Adapter(NamedTuple):
-    """One adapter's tensors as a layer holds them. magnitude None: plain LoRA. norm: the cached ‖W + s·B·A‖_row,
-    or None to compute it. activation_memory: the fused ops' mode for this adapter (dora_ext.activation_policy),
+    """One adapter's tensors as a layer holds them. magnitude None: plain LoRA. norm: ‖W + s·B·A‖_row (weight_norm,
+    cached or not), which the one-adapter forms need; None only for `linear`, which then computes it. dropout: the
+    p to apply in training. activation_memory: the fused ops' mode for this adapter (dora_ext.activation_policy),
     None for the context's."""
     lora_A: Tensor
     lora_B: Tensor
@@ -36,31 +51,60 @@ class Adapter(NamedTuple):
     activation_memory: str | None = None
 
 
-def _gain(a: Adapter, norm: Tensor) -> Tensor:
-    # Same clamp as the fused kernels (ops.NORM_EPS): an all-zero row gets a finite gain, not PEFT's NaN.
-    return a.magnitude.reshape(-1) / norm.clamp_min(ops.NORM_EPS).to(a.magnitude.dtype)
+# ------------------------------------------------------------------------------------------ norm and magnitude
+def weight_norm(base: Tensor | nn.Module, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    """‖W + s·B·A‖ per output row, fused (never the [out, in] sum), float32 (float64 for float64 inputs). base: the
+    dense [out, in] weight (a view of the layer's), or a bitsandbytes layer, read from its packed weight
+    (dora_ext.quantized). lora_A [r, in], lora_B [out, r]."""
+    if isinstance(base, Tensor):
+        return ops.weight_norm(base, lora_A, lora_B, scaling)
+    return quantized.weight_norm(base, lora_A, lora_B, scaling)
+
+
+def norm_key(base: Tensor | nn.Module) -> Sequence[Tensor]:
+    """The tensors weight_norm(base, ...) reads of the base (the eval norm cache keys on them, with A and B)."""
+    return (base,) if isinstance(base, Tensor) else quantized.storage(base)
+
+
+@torch.no_grad()
+def init_magnitude(norm: Tensor, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
+    """DoRA's magnitude at init, m = ‖W + s·B·A‖_row, as the layer stores it (shape, dtype). `norm` is the norm the
+    forward computes (weight_norm), so an untrained adapter has g = 1 exactly and returns the base output bit for
+    bit, as PEFT's own init does with its own norm."""
+    return norm.detach().reshape(shape).to(dtype)
+
+
+def _gain(a: Adapter) -> Tensor:
+    # Same clamp as the fused kernels: an all-zero row gets a finite gain, not PEFT's NaN.
+    return a.magnitude.reshape(-1) / a.norm.clamp_min(NORM_EPS).to(a.magnitude.dtype)
 
 
 def _dropped(x: Tensor, a: Adapter, training: bool) -> Tensor | None:
     return F.dropout(x, a.dropout, training=True) if training and a.dropout > 0 else None
 
 
-def _dora_update(result: Tensor, lora: Tensor, g: Tensor, bias: Tensor | None, x_drop: Tensor | None,
-                 base_of: Callable[[Tensor], Tensor]) -> Tensor:
-    """PEFT's per-adapter variant update, result + (g−1)·base_part + g·lora (g already shaped to broadcast):
-    without dropout base_part is the running result minus the bias (multiplicative composition); with dropout PEFT
-    recomputes it as base_of(x_drop) = W·x_d without bias (additive composition)."""
-    if x_drop is None:
-        base_part = result if bias is None else result - bias
-    else:
-        base_part = base_of(x_drop)
-    return result + ((g - 1) * base_part + g * lora)
+def _lora_input(x: Tensor, a: Adapter, training: bool) -> tuple[Tensor, Tensor | None]:
+    """(x in the adapter's dtype, its dropout when training with p > 0, else None)."""
+    xa = x.to(a.lora_A.dtype)
+    return xa, _dropped(xa, a, training)
+
+
+def layer_product(layer: nn.Module) -> Callable[[Tensor], Tensor]:
+    """x ↦ x Wᵀ without bias through the layer's own forward (a bitsandbytes layer: its own kernel, no dense W)."""
+    bias = layer.bias
+
+    def product(x: Tensor) -> Tensor:
+        out = layer(x)
+        return out if bias is None else out - bias.to(out.dtype)
+
+    return product
 
 
 # ------------------------------------------------------------------------------------------------------- linear
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None, adapters: Sequence[Adapter], training: bool) -> Tensor:
     """Adapters over a frozen linear map. weight: [out, in] (a transposed view for fan_in_fan_out layers).
-    A DoRA adapter first in line runs the fused op; plain-LoRA adapters (magnitude None) add s·B·A·x_d as PEFT does."""
+    A DoRA adapter first in line runs the fused op (base product included); every other adapter is rescale_one
+    over the running output. The output is cast back once, to the base output's dtype (PEFT's Linear)."""
     first, rest = adapters[0], adapters[1:]
     if first.magnitude is not None:
         result = ops.dora_linear(x, weight, bias, first.lora_A, first.lora_B, first.magnitude, first.scaling,
@@ -68,45 +112,51 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, adapters: Sequence[Ad
                                  activation_memory=first.activation_memory)
     else:
         result, rest = F.linear(x, weight, bias), adapters
+    out_dtype = result.dtype
     for a in rest:
-        out_dtype = result.dtype
-        xa = x.to(a.lora_A.dtype)
-        x_drop = _dropped(xa, a, training)
-        src = xa if x_drop is None else x_drop
-        lora = (src @ a.lora_A.T) @ a.lora_B.T * a.scaling
-        if a.magnitude is None:  # plain LoRA
-            result = (result + lora).to(out_dtype)
-            continue
-        norm = a.norm if a.norm is not None else ops.weight_norm(weight, a.lora_A, a.lora_B, a.scaling)
-        result = _dora_update(result, lora, _gain(a, norm), bias, x_drop,
-                              lambda xd: F.linear(xd, weight.to(xd.dtype))).to(out_dtype)
-    return result
+        if a.magnitude is not None and a.norm is None:
+            a = a._replace(norm=weight_norm(weight, a.lora_A, a.lora_B, a.scaling))
+        result = rescale_one(x, result, a, bias, training, weight=weight)
+    return result.to(out_dtype)
 
 
 def rescale(x: Tensor, result: Tensor, bias: Tensor | None, adapters: Sequence[Adapter], training: bool,
             base_of: Callable[[Tensor], Tensor]) -> Tensor:
-    """Adapters over a base output computed elsewhere (a quantized layer's own kernel): result = base(x) + bias.
-    Each DoRA adapter is one ops.dora_rescale (PEFT's composition: multiplicative, or with dropout additive with
-    base_of(x_d) = W·x_d without bias, the base layer's own product again); plain LoRA adds s·B·A·x_d. x is cast to
-    the adapters' dtype and the output back to result's (PEFT's rule for quantized layers outside autocast)."""
+    """Adapters over a base output computed elsewhere, result = base(x) + bias (a quantized layer's own kernel;
+    base_of: its product without bias, layer_product), each by rescale_one, cast back to result's dtype after each
+    adapter as PEFT's bitsandbytes layers do."""
     out_dtype = result.dtype
     for i, a in enumerate(adapters):
-        xa = x.to(a.lora_A.dtype)
-        x_drop = _dropped(xa, a, training)
-        src = xa if x_drop is None else x_drop
-        u = src @ a.lora_A.T
-        dtype = torch.promote_types(result.dtype, u.dtype)
-        if a.magnitude is None:  # plain LoRA
-            result = (result + (u @ a.lora_B.T) * a.scaling).to(out_dtype)
-            continue
-        base = None if x_drop is None else base_of(x_drop).to(dtype)
-        # The first adapter without dropout or bias: its output serves the magnitude gradient, and base_of(x)
-        # (result again) recomputes acc where backward needs it; later adapters' result holds earlier updates.
-        recover = dict(x=x, base_fn=lambda: base_of(x)) if i == 0 and base is None and bias is None else {}
-        result = ops.dora_rescale(result.to(dtype), u.to(dtype), a.lora_B, a.magnitude, a.norm, a.scaling,
-                                  bias=None if bias is None or base is not None else bias.to(dtype),
-                                  base=base, activation_memory=a.activation_memory, **recover).to(out_dtype)
+        result = rescale_one(x, result, a, bias, training, base_of=base_of, first=i == 0).to(out_dtype)
     return result
+
+
+def rescale_one(x: Tensor, result: Tensor, a: Adapter, bias: Tensor | None, training: bool, *,
+                weight: Tensor | None = None, base_of: Callable[[Tensor], Tensor] | None = None,
+                first: bool = False) -> Tensor:
+    """One adapter's update of `result`, the running output of a linear-kind layer (its base output x Wᵀ + bias,
+    plus the updates of the adapters before this one). DoRA: one ops.dora_rescale, PEFT's composition:
+    multiplicative, or with dropout additive with W·x_d (no bias) computed again; plain LoRA (magnitude None):
+    result + s·B·A·x_d. The base: `weight`, the dense [out, in] weight, or `base_of`, x ↦ x Wᵀ without bias by the
+    base layer's own product (layer_product). first: no adapter came before, so result − bias is x Wᵀ; without
+    dropout and bias the magnitude gradient then comes from the output (no [T, out] kept) and backward recomputes
+    acc from x where it must (ops.dora_rescale). Returns promote(result dtype, adapter dtype)."""
+    xa, x_drop = _lora_input(x, a, training)
+    u = F.linear(xa if x_drop is None else x_drop, a.lora_A)
+    if a.magnitude is None:  # plain LoRA
+        return result + F.linear(u, a.lora_B) * a.scaling
+    dtype = torch.promote_types(result.dtype, a.lora_A.dtype)
+    if x_drop is not None:
+        base = F.linear(x_drop, weight.to(x_drop.dtype)) if weight is not None else base_of(x_drop)
+        kept = {"base": base.to(dtype)}
+    elif bias is not None:
+        kept = {"bias": bias.to(dtype)}
+    elif first:
+        kept = {"x": x, "weight": weight} if weight is not None else {"x": x, "base_fn": lambda: base_of(x)}
+    else:
+        kept = {}
+    return ops.dora_rescale(result.to(dtype), u.to(dtype), a.lora_B, a.magnitude, a.norm, a.scaling,
+                            activation_memory=a.activation_memory, **kept)
 
 
 # --------------------------------------------------------------------------------------------------------- conv
@@ -119,35 +169,61 @@ class ConvSpec(NamedTuple):
     groups: int
 
 
+_CONV_FN = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}  # by the weight's dim
+
+
+def conv_spec(base: nn.Module) -> ConvSpec:
+    """The ConvSpec of an nn.Conv1d/2d/3d."""
+    return ConvSpec(_CONV_FN[base.weight.dim()], base.stride, base.padding, base.dilation, base.groups)
+
+
 def conv(x: Tensor, base_out: Tensor, weight: Tensor, bias: Tensor | None, spec: ConvSpec,
          adapters: Sequence[Adapter], training: bool) -> Tensor:
-    """DoRA over a frozen conv (PEFT _DoraConvNdLayer). base_out: the base layer's output (bias included).
-    lora_A: [r, C_in, k…] applied with the base kernel, stride and padding (not dilation, as PEFT); lora_B:
-    [C_out, r/groups, 1…] with the base groups. Each adapter's norm is per output channel."""
-    result, out_dtype = base_out, base_out.dtype
-    bias_view = None if bias is None else bias.reshape((1, -1) + (1,) * (result.dim() - 2))
+    """Adapters over a frozen conv (conv_one each), base_out: the base layer's output (bias included); the output
+    is cast back once, to base_out's dtype (PEFT's Conv forward)."""
+    result = base_out
     for a in adapters:
-        xa = x.to(a.lora_A.dtype)
-        x_drop = _dropped(xa, a, training)
-        src = xa if x_drop is None else x_drop
-        u = spec.conv_fn(src, a.lora_A, None, spec.stride, spec.padding)
-        lora = spec.conv_fn(u, a.lora_B, None, 1, 0, 1, spec.groups) * a.scaling
-        g = _gain(a, a.norm).reshape((1, -1) + (1,) * (result.dim() - 2))
-        result = _dora_update(result, lora, g, bias_view, x_drop, lambda xd: spec.conv_fn(
-            xd, weight.to(xd.dtype), None, spec.stride, spec.padding, spec.dilation, spec.groups)).to(out_dtype)
-    return result
+        result = conv_one(x, result, a, bias, weight, spec, training)
+    return result.to(base_out.dtype)
+
+
+def conv_one(x: Tensor, result: Tensor, a: Adapter, bias: Tensor | None, weight: Tensor, spec: ConvSpec,
+             training: bool) -> Tensor:
+    """One DoRA adapter's update of a conv's running output (PEFT _DoraConvNdLayer), plain ATen:
+    result + (g−1) ⊙ base + g ⊙ s·B(A(x_d)), base = result − bias without dropout (multiplicative composition), or
+    W * x_d without bias with it (additive). lora_A: [r, C_in, k…] applied with the base kernel, stride and padding
+    (not dilation, as PEFT); lora_B: [C_out, r/groups, 1…] with the base groups. Gain per output channel."""
+    xa, x_drop = _lora_input(x, a, training)
+    u = spec.conv_fn(xa if x_drop is None else x_drop, a.lora_A, None, spec.stride, spec.padding)
+    lora = spec.conv_fn(u, a.lora_B, None, 1, 0, 1, spec.groups)
+    view = (1, -1) + (1,) * (result.dim() - 2)
+    g = _gain(a).reshape(view)
+    if x_drop is not None:
+        base = spec.conv_fn(x_drop, weight.to(x_drop.dtype), None, spec.stride, spec.padding, spec.dilation,
+                            spec.groups)
+    else:
+        base = result if bias is None else result - bias.reshape(view)
+    return result + ((g - 1) * base + g * lora * a.scaling)
 
 
 # ---------------------------------------------------------------------------------------------------- embedding
 def embedding(ids: Tensor, base_out: Tensor, embed: Callable[[Tensor, Tensor], Tensor], embed_scale: Tensor | None,
               adapters: Sequence[Adapter]) -> Tensor:
-    """DoRA over a frozen embedding (PEFT DoraEmbeddingLayer): lora_A [r, vocab], lora_B [dim, r]; the norm runs over
-    the vocabulary, one gain per embedding dim; no dropout. y = g ⊙ base_out + g ⊙ s·(A_ᵀ[ids] Bᵀ)·embed_scale."""
-    result, out_dtype = base_out, base_out.dtype
+    """Adapters over a frozen embedding (embedding_one each); the output is cast back once, to base_out's dtype
+    (PEFT's Embedding forward)."""
+    result = base_out
     for a in adapters:
-        g = _gain(a, a.norm)
-        lora = g * (embed(ids, a.lora_A.T) @ a.lora_B.T) * a.scaling
-        if embed_scale is not None:  # after the norm, as PEFT (huggingface/peft#2839)
-            lora = lora * embed_scale.to(lora.dtype)
-        result = (g * result + lora).to(out_dtype)
-    return result
+        result = embedding_one(ids, result, a, embed, embed_scale)
+    return result.to(base_out.dtype)
+
+
+def embedding_one(ids: Tensor, result: Tensor, a: Adapter, embed: Callable[[Tensor, Tensor], Tensor],
+                  embed_scale: Tensor | None) -> Tensor:
+    """One DoRA adapter's update of an embedding's running output (PEFT DoraEmbeddingLayer): lora_A [r, vocab],
+    lora_B [dim, r]; the norm runs over the vocabulary, one gain per embedding dim; no dropout.
+    y = g ⊙ result + g ⊙ s·(A_ᵀ[ids] Bᵀ)·embed_scale; embed(ids, table): the base layer's lookup."""
+    g = _gain(a)
+    lora = g * (embed(ids, a.lora_A.T) @ a.lora_B.T) * a.scaling
+    if embed_scale is not None:  # after the norm, as PEFT (huggingface/peft#2839)
+        lora = lora * embed_scale.to(lora.dtype)
+    return g * result + lora

@@ -9,11 +9,11 @@ import sys
 from typing import Callable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from . import ops
+from . import functional, ops, torch_private
 
-__all__ = ["NormCache", "MergeLedger", "norm_caching", "caching_enabled", "cached_norm"]
+__all__ = ["NormCache", "MergeLedger", "norm_caching", "caching_enabled", "cached_norm", "adapter_norm"]
 
 # None: follow PEFT's DoraCaching (peft.tuners.lora.dora.ENABLE_DORA_CACHING, off unless PEFT's switch is on);
 # True / False: dora_ext.norm_caching said so in this thread (or asyncio task). A ContextVar, not a module global,
@@ -90,12 +90,29 @@ def cached_norm(slots: dict, slot: str, key_tensors: Callable[[], Sequence[Tenso
     tensors = key_tensors()
     if any(t.is_inference() for t in tensors):  # inference tensors have no version counter to key on
         return compute()
-    key = tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors) + (scaling,)
+    key = tuple((torch_private.version(t), t.data_ptr(), t.dtype, t.device) for t in tensors) + (scaling,)
     hit = slots.get(slot)
     # a norm made under inference_mode cannot serve an autograd-recording forward outside it
     if hit is None or hit[0] != key or (hit[1].is_inference() and not torch.is_inference_mode_enabled()):
         hit = slots[slot] = (key, compute())
     return hit[1]
+
+
+def adapter_norm(slots: dict, slot: str, base: Tensor | nn.Module, lora_A: Tensor, lora_B: Tensor, scaling: float,
+                 training: bool, *, inputs: Callable[[], Sequence[Tensor]] | None = None,
+                 compute: Callable[[], Tensor] | None = None, scoped: bool = False) -> Tensor:
+    """The norm of one adapter for a forward, in both front-ends: functional.weight_norm(base, lora_A, lora_B,
+    scaling) (or compute(), for a norm of the layer's own kind), kept in `slots` under `slot` as cached_norm says,
+    keyed on the base's tensors (functional.norm_key) and inputs(), the adapter tensors the factors are made of
+    (default: lora_A and lora_B themselves; EDoRA's and the gated factors are products of others)."""
+    def key() -> tuple[Tensor, ...]:
+        return (*functional.norm_key(base), *((lora_A, lora_B) if inputs is None else inputs()))
+
+    if compute is None:
+        def compute() -> Tensor:
+            return functional.weight_norm(base, lora_A, lora_B, scaling)
+
+    return cached_norm(slots, slot, key, scaling, training, compute, scoped)
 
 
 class NormCache:
@@ -112,19 +129,12 @@ class NormCache:
         self._slots: dict[str, tuple[tuple, Tensor]] = {}
         self.scoped = False  # set by dora_ext.mixed_adapters for its block: cache there unless switched off
 
-    def enabled(self, training: bool) -> bool:
-        """Whether a forward now uses the cache; when not, what it holds is dropped (see cached_norm)."""
-        if training or torch.compiler.is_compiling() or not caching_enabled(self.scoped):
-            if self._slots and not torch.compiler.is_compiling():
-                self._slots.clear()
-            return False
-        return True
-
-    def norm(self, slot: str, key_tensors: Callable[[], Sequence[Tensor]], scaling: float, training: bool,
-             compute: Callable[[], Tensor]) -> Tensor:
-        """The norm of adapter `slot`: cached in eval while caching is on, computed (by `compute`) otherwise.
-        key_tensors() returns the tensors the norm depends on; it is called only when caching."""
-        return cached_norm(self._slots, slot, key_tensors, scaling, training, compute, self.scoped)
+    def norm(self, slot: str, base: Tensor | nn.Module, lora_A: Tensor, lora_B: Tensor, scaling: float,
+             training: bool, inputs: Callable[[], Sequence[Tensor]] | None = None,
+             compute: Callable[[], Tensor] | None = None) -> Tensor:
+        """The norm of adapter `slot`: cached in eval while caching is on, computed otherwise (adapter_norm)."""
+        return adapter_norm(self._slots, slot, base, lora_A, lora_B, scaling, training, inputs=inputs,
+                            compute=compute, scoped=self.scoped)
 
     def pop(self, slot: str) -> None:
         self._slots.pop(slot, None)
@@ -138,7 +148,10 @@ class NormCache:
 
 class MergeLedger:
     """What unmerging needs of each merged adapter: the norm of the unmerged weight (the gain g = m/n cannot be
-    recovered from the merged one) and the rows a zero gain wiped, kept so unmerge restores them exactly."""
+    recovered from the merged one) and the rows a zero gain wiped, kept so unmerge restores them exactly.
+
+    The one merge of both front-ends: dora_ext's own layers (layers/base.py) and PEFT's layers with the fused
+    variants (peft_variants.py) both merge and unmerge through it, in place, without a dense [out, in] ΔW."""
 
     def __init__(self):
         self._records: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
@@ -163,13 +176,21 @@ class MergeLedger:
         """Undo merge_ of adapter `name` in place with the norm kept at merge time; forget=False keeps the record
         (to rebuild an unmerged copy of the weight)."""
         norm, zero, saved = self._records.pop(name) if forget else self._records[name]
+        # a model moved (.to) between merge and unmerge: the record follows the weight
+        norm, zero = norm.to(w2d.device), zero.to(w2d.device)
         magnitude = norm if magnitude is None else magnitude.reshape(-1)
         if zero.numel():
             magnitude = magnitude.clone()
             magnitude[zero] = 1.0  # any non-zero gain: those rows are restored from the saved copy below
         ops.unmerge_(w2d, A, B, magnitude, norm, scaling)
         if zero.numel():
-            w2d[zero] = saved
+            w2d[zero] = saved.to(w2d.device)
+
+    def adopt(self, name: str, norm: Tensor) -> None:
+        """Take over a merge made without this ledger, of which only the unmerged norm is known (PEFT's own DoRA
+        merge keeps just that): unmerge_ then inverts it with that norm and restores no rows."""
+        norm = norm.detach().reshape(-1)
+        self._records[name] = (norm, norm.new_empty(0, dtype=torch.long), norm.new_empty(0))
 
     def clear(self) -> None:
         self._records.clear()

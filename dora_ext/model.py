@@ -1,4 +1,5 @@
-"""Model-level DoRA: inject into any nn.Module, manage named adapters, merge and unload, convert a live PeftModel.
+"""Model-level DoRA: inject into any nn.Module, manage named adapters, merge and unload (a live PeftModel is PEFT's
+to manage: dora_ext.from_peft, peft_patching.py, makes its DoRA adapters run fused).
 
 The model is changed in place: each targeted layer is replaced by a dora_ext layer (layers.py) that wraps it, and
 every parameter outside the adapters is frozen (as PEFT's get_peft_model). The DoRAConfig of each adapter is kept
@@ -8,11 +9,13 @@ on the model (attribute `dora_ext_configs`) for save_adapter.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import warnings
 
 from torch import nn
 
 from .config import DoRAConfig
-from .layers import DoRALayer, conv1d_type, layer_class_for
+from .layers import DoRALayer, Linear, conv1d_type, layer_class_for
 from .model_state import AdapterConfigs, ModelChange, adapter_root, dora_layers, refuse_peft_layers
 from .saving import install_save_pretrained, uninstall_save_pretrained
 
@@ -24,9 +27,36 @@ def _linear_types() -> tuple:
     return (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
 
 
+# PEFT's warnings (peft/tuners/lora/layer.py dispatch_default) when a wrapped layer's kind overrides fan_in_fan_out
+FAN_IN_FAN_OUT_OFF = ("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
+                      "Setting fan_in_fan_out to False.")
+FAN_IN_FAN_OUT_ON = "fan_in_fan_out is set to False but the target module is `Conv1D`. Setting fan_in_fan_out to True."
+
+
+def fan_in_fan_out_of(config: DoRAConfig, plan: dict[str, nn.Module]) -> tuple[bool, list[str]]:
+    """(the fan_in_fan_out PEFT's config holds after wrapping `plan`, PEFT's warnings in order). PEFT's
+    dispatch_default rewrites the config as it wraps each new target in model order: an nn.Linear turns the flag
+    off, a transformers Conv1D on, each change with a warning; layers adapted already (update_layer) and quantized
+    linears (bitsandbytes' own dispatchers) leave it alone. The layers themselves take the layout from the base
+    layer's type (layers/linear.py); the flag is what the saved adapter_config.json records."""
+    flag, messages = config.fan_in_fan_out, []
+    conv1d = conv1d_type()
+    for mod in plan.values():
+        if isinstance(mod, DoRALayer) or layer_class_for(mod) is not Linear:
+            continue
+        if isinstance(mod, nn.Linear) and flag:
+            flag = False
+            messages.append(FAN_IN_FAN_OUT_OFF)
+        elif conv1d is not None and isinstance(mod, conv1d) and not flag:
+            flag = True
+            messages.append(FAN_IN_FAN_OUT_ON)
+    return flag, messages
+
+
 def target_plan(model: nn.Module, config: DoRAConfig) -> tuple[DoRAConfig, dict[str, nn.Module]]:
-    """(config with "all-linear" resolved, {name: module to adapt}); raises when nothing or an unsupported type
-    matches. Pure: the model is not touched, so callers can validate before changing anything."""
+    """(config with "all-linear" resolved and fan_in_fan_out as PEFT records it (fan_in_fan_out_of), {name: module
+    to adapt}); raises when nothing or an unsupported type matches. Pure: the model is not touched, so callers can
+    validate before changing anything."""
     root = adapter_root(model)
     config = config.resolve_all_linear(root, _linear_types())
     plan = {}
@@ -47,7 +77,8 @@ def target_plan(model: nn.Module, config: DoRAConfig) -> tuple[DoRAConfig, dict[
     if not plan:
         raise ValueError(f"dora_ext.inject: target_modules={config.target_modules!r} matched no module of the model "
                          f"(exclude_modules={config.exclude_modules!r})")
-    return config, plan
+    flag, _ = fan_in_fan_out_of(config, plan)
+    return dataclasses.replace(config, fan_in_fan_out=flag), plan
 
 
 def _wrap(mod: nn.Module) -> DoRALayer:
@@ -73,12 +104,14 @@ def inject(model: nn.Module, config, adapter_name: str = "default") -> nn.Module
 def add_to_model(model: nn.Module, config, adapter_name: str, change: ModelChange) -> None:
     """inject()'s work, each step registered on `change` (load_adapter undoes it too if a later step fails)."""
     refuse_peft_layers(model, "inject")
-    config = as_dora_config(config, "dora_ext.inject")
-    config, plan = target_plan(model, config)
+    given = as_dora_config(config, "dora_ext.inject")
+    config, plan = target_plan(model, given)
     existing = {n for layer in dora_layers(model).values() for n in layer.adapter_names}
     if adapter_name in existing:
         raise ValueError(f"dora_ext.inject: adapter {adapter_name!r} already exists; delete_adapter() it first or "
                          "pick another name")
+    for message in fan_in_fan_out_of(given, plan)[1]:
+        warnings.warn(message)
     if not existing:
         model.requires_grad_(False)
     root = adapter_root(model)
@@ -91,6 +124,11 @@ def add_to_model(model: nn.Module, config, adapter_name: str, change: ModelChang
                               sigma=config.edora_sigma, activation_memory=config.activation_memory)
         except (ValueError, TypeError) as exc:  # name the module: the layer's own message cannot
             raise type(exc)(f"dora_ext.inject: target module {name!r}: {exc}") from exc
+        if existing:
+            # a layer's first adapter becomes active (layers/base.py add_adapter); in a model that has adapters a
+            # later one stays inactive and frozen where no active adapter covers the layer (a newly wrapped one), as
+            # PEFT's inject_adapter ends with set_adapter(the model's active adapters)
+            layer.set_adapter(active)
         if layer is mod:
             change.on_undo(lambda layer=layer, active=active: layer.forget_adapter(adapter_name, active))
         else:
@@ -138,18 +176,34 @@ def set_adapter(model: nn.Module, names: str | list[str], inference_mode: bool =
         layer.set_adapter([n for n in names if n in layer.r], inference_mode=inference_mode)
 
 
+# PEFT's warning (PeftModel.disable_adapter) when some layers are disabled already and others not
+IRREGULAR_DISABLE = ("The model contains some adapter layers that are enabled and others that are disabled. This is "
+                     "most likely unintentional. After exiting the disable_adapter context, all adapters will be "
+                     "enabled")
+
+
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
-    """Within the block the model computes the base model's output (merged adapters are unmerged first)."""
+    """Within the block the model computes the base model's output (merged adapters are unmerged first) and every
+    adapter parameter is frozen; on exit each layer is enabled with its active adapters trainable and the others
+    frozen. That is PEFT's disable_adapter: enable_adapters(False) freezes, enable_adapters(True) is
+    set_adapter(active adapters); a model whose layers were all disabled before stays disabled."""
     layers = list(_layers_or_raise(model, "disable_adapters").values())
-    previous = [layer.disable_adapters for layer in layers]
+    enabled = [not layer.disable_adapters for layer in layers]
+    if any(enabled) and not all(enabled):
+        warnings.warn(IRREGULAR_DISABLE)
     for layer in layers:
+        for name in layer.adapter_names:
+            for p in layer.params_of(name):
+                p.requires_grad_(False)
         layer.disable_adapters = True
     try:
         yield model
     finally:
-        for layer, flag in zip(layers, previous):
-            layer.disable_adapters = flag
+        if any(enabled):
+            for layer in layers:
+                layer.set_adapter(layer.active_adapters)
+                layer.disable_adapters = False
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:

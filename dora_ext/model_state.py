@@ -6,6 +6,7 @@ from __future__ import annotations
 from torch import nn
 
 from .layers import DoRALayer
+from .modules import DoRALinear
 
 __all__ = ["AdapterConfigs", "ModelChange", "adapter_root", "dora_layers", "refuse_peft_layers", "CONFIGS_ATTR"]
 
@@ -41,8 +42,12 @@ def adapter_root(model: nn.Module) -> nn.Module:
 
 
 def dora_layers(model: nn.Module) -> dict[str, DoRALayer]:
-    """{name relative to adapter_root(model): layer} for every dora_ext layer in the model."""
-    return {name: mod for name, mod in adapter_root(model).named_modules() if isinstance(mod, DoRALayer)}
+    """{name relative to adapter_root(model): layer} for every dora_ext layer in the model, except the layer inside
+    each DoRALinear: that single-layer API has no adapter name or config of the model's, and a model-level call
+    (merge_and_unload, unload) would replace its layer under the DoRALinear that views it."""
+    root = adapter_root(model)
+    views = {id(mod.layer) for mod in root.modules() if isinstance(mod, DoRALinear)}
+    return {name: mod for name, mod in root.named_modules() if isinstance(mod, DoRALayer) and id(mod) not in views}
 
 
 def refuse_peft_layers(model: nn.Module, what: str) -> None:

@@ -1,27 +1,54 @@
-"""nn.Module swap-ins. Modules hold parameters and state and call dora_ext.ops; no kernel logic lives here."""
+"""nn.Module swap-ins. DoRALinear is a single-adapter view of dora_ext.layers.Linear: every formula and every piece
+of state (init, forward, norm cache, merge ledger) lives in that layer; this module only names things."""
 
 from __future__ import annotations
 
-import math
-import warnings
+import copy
 
 import torch
 from torch import Tensor, nn
 
-from . import functional, ops
 from .config import check_alpha, check_dropout, check_rank
-from .layer_state import MergeLedger, NormCache
+from .layers import Linear
 
 __all__ = ["DoRALinear"]
+
+#: the name of DoRALinear's one adapter inside its layers.Linear (PEFT's default adapter name)
+ADAPTER = "default"
+
+#: state-dict keys of the flat layout (base_layer, lora_A, lora_B and magnitude held by DoRALinear itself, as in
+#: checkpoints from dora_ext releases with that layout) -> the inner layer's PEFT-layout keys, so those still load
+FLAT_KEYS = {
+    "base_layer.weight": "layer.base_layer.weight",
+    "base_layer.bias": "layer.base_layer.bias",
+    "lora_A": f"layer.lora_A.{ADAPTER}.weight",
+    "lora_B": f"layer.lora_B.{ADAPTER}.weight",
+    "magnitude": f"layer.lora_magnitude_vector.{ADAPTER}.weight",
+}
+
+
+def _load_flat_keys(module, state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook: rename flat-layout keys under `prefix` to the inner layer's (a key whose new name is
+    present too is left alone, and strict loading reports it as unexpected)."""
+    for flat, nested in FLAT_KEYS.items():
+        if prefix + flat in state_dict and prefix + nested not in state_dict:
+            state_dict[prefix + nested] = state_dict.pop(prefix + flat)
 
 
 class DoRALinear(nn.Module):
     """DoRA on a frozen nn.Linear: y = m ⊙ (W + s·B·A) x / ‖W + s·B·A‖_row + b, the norm detached (PEFT 0.21).
 
-    The wrapped layer is kept as `base_layer` (its weight is shared, not copied). Trainable: `lora_A` [r, in]
-    (kaiming-uniform, a=√5), `lora_B` [out, r] (zeros), `magnitude` [out] (= ‖W + s·B·A‖_row at init).
-    Adapter parameters are float32 for float16/bfloat16 bases (PEFT's autocast_adapter_dtype=True) unless
-    `adapter_dtype` says otherwise. The output has x's dtype.
+    A view of one dora_ext.layers.Linear (`self.layer`) holding a single adapter named "default": the forward,
+    init, norm cache, merge and unmerge are that layer's. The wrapped layer is `base_layer` (its weight is shared,
+    not copied). Trainable: `lora_A` [r, in] (kaiming-uniform, a=√5), `lora_B` [out, r] (zeros), `magnitude` [out]
+    (= ‖W + s·B·A‖_row at init): read-only attributes that are the inner layer's Parameters themselves. Adapter
+    parameters are float32 for float16/bfloat16 bases (PEFT's autocast_adapter_dtype=True) unless `adapter_dtype`
+    says otherwise. The output has x's dtype.
+
+    state_dict keys are the inner layer's, PEFT's layout: `layer.base_layer.weight`, `layer.base_layer.bias`,
+    `layer.lora_A.default.weight`, `layer.lora_B.default.weight`, `layer.lora_magnitude_vector.default.weight`.
+    load_state_dict also takes the flat keys (`base_layer.weight`, `base_layer.bias`, `lora_A`, `lora_B`,
+    `magnitude`; FLAT_KEYS) of checkpoints from dora_ext releases whose DoRALinear held its tensors itself.
     """
 
     def __init__(
@@ -40,28 +67,13 @@ class DoRALinear(nn.Module):
         if alpha is not None:  # None means alpha = r
             check_alpha(alpha, "DoRALinear")
         check_dropout(dropout, "DoRALinear")
-        weight = base_layer.weight
-        if not weight.is_floating_point():
-            raise TypeError(f"DoRALinear: expected a floating-point base weight, got {weight.dtype}")
-        base_layer.requires_grad_(False)
-        self.base_layer = base_layer
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        self.r = r
-        self.alpha = float(r if alpha is None else alpha)
-        self.use_rslora = use_rslora
-        self.scaling = self.alpha / (math.sqrt(r) if use_rslora else r)
-        self.dropout_p = float(dropout)
-        if adapter_dtype is None:
-            adapter_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-        factory = {"device": weight.device, "dtype": adapter_dtype}
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
-        self.magnitude = nn.Parameter(torch.empty(self.out_features, **factory))
-        self.merged = False
-        self._warned_merged_training = False
-        self._ledger = MergeLedger()  # what unmerge() needs (layer_state.py, shared with the multi-adapter layers)
-        self._norm_cache = NormCache()  # eval only, opt-in (layer_state.norm_caching)
-        self.reset_parameters()
+        if not base_layer.weight.is_floating_point():
+            raise TypeError(f"DoRALinear: expected a floating-point base weight, got {base_layer.weight.dtype}")
+        self.layer = Linear(base_layer)
+        # activation_memory=None: the context's mode (dora_ext.activation_memory), as for any call naming none
+        self.layer.add_adapter(ADAPTER, r, float(r if alpha is None else alpha), dropout, use_rslora, adapter_dtype,
+                               activation_memory=None)
+        self.register_load_state_dict_pre_hook(_load_flat_keys)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int, alpha: float | None = None, dropout: float = 0.0,
@@ -71,85 +83,109 @@ class DoRALinear(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """PEFT's default init: A kaiming-uniform(a=√5), B = 0, magnitude = ‖W + s·B·A‖_row (so y = base at init)."""
+        """PEFT's default init: A kaiming-uniform(a=√5), B = 0, magnitude = ‖W + s·B·A‖_row (so y = base at init);
+        the DoRA variant's init (dora_ext.variants.DoRA), in place, so optimizers keep these Parameters."""
         if self.merged:
             raise RuntimeError("DoRALinear.reset_parameters: unmerge() first; the base weight holds a merged adapter")
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
+        layer = self.layer
+        # sigma is EDoRA's R init; DoRA's init draws nothing from it
+        layer.variants[ADAPTER].reset_(layer.weight_2d(), self.lora_A, self.lora_B, layer.extras(ADAPTER), sigma=0.0)
         self.magnitude.copy_(self.weight_norm())
+
+    # ---------------------------------------------------------------- the documented attributes, read-only views
+    @property
+    def base_layer(self) -> nn.Linear:
+        return self.layer.base_layer
 
     @property
     def weight(self) -> Tensor:
-        return self.base_layer.weight
+        return self.layer.weight
 
     @property
     def bias(self) -> Tensor | None:
-        return self.base_layer.bias
+        return self.layer.base_layer.bias
 
+    @property
+    def lora_A(self) -> nn.Parameter:
+        return self.layer.lora_A[ADAPTER].weight
+
+    @property
+    def lora_B(self) -> nn.Parameter:
+        return self.layer.lora_B[ADAPTER].weight
+
+    @property
+    def magnitude(self) -> nn.Parameter:
+        return self.layer.lora_magnitude_vector[ADAPTER].weight
+
+    @property
+    def in_features(self) -> int:
+        return self.layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.layer.out_features
+
+    @property
+    def r(self) -> int:
+        return self.layer.r[ADAPTER]
+
+    @property
+    def alpha(self) -> float:
+        return float(self.layer.lora_alpha[ADAPTER])
+
+    @property
+    def use_rslora(self) -> bool:
+        return self.layer.use_rslora[ADAPTER]
+
+    @property
+    def scaling(self) -> float:
+        return self.layer.scaling[ADAPTER]
+
+    @scaling.setter
+    def scaling(self, value: float) -> None:
+        # writable, as PEFT's layer.scaling[name] is; the norm cache keys on it, so the next norm follows it
+        self.layer.scaling[ADAPTER] = value
+
+    @property
+    def dropout_p(self) -> float:
+        return self.layer.dropout_p(ADAPTER)
+
+    @property
+    def merged(self) -> bool:
+        return self.layer.merged
+
+    # ------------------------------------------------------------------------------------ delegated behaviour
     def weight_norm(self) -> Tensor:
         """‖W + s·B·A‖ per output row (float32), from the current (unmerged) weight."""
-        return ops.weight_norm(self.weight, self.lora_A, self.lora_B, self.scaling)
+        return self.layer.weight_norm(ADAPTER)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.merged:
-            if self.training and torch.is_grad_enabled() and not self._warned_merged_training and any(
-                    p.requires_grad for p in (self.lora_A, self.lora_B, self.magnitude)):
-                self._warned_merged_training = True
-                warnings.warn("dora_ext.DoRALinear: a training forward through a merged adapter: the base weight "
-                              "holds it, so lora_A, lora_B and magnitude get no gradients; unmerge() first to train")
-            return self.base_layer(x)
-        adapter = functional.Adapter(self.lora_A, self.lora_B, self.magnitude, self.scaling, self.dropout_p,
-                                     self._eval_weight_norm())
-        return functional.linear(x, self.weight, self.bias, [adapter], self.training)
-
-    def _eval_weight_norm(self) -> Tensor | None:
-        """With caching on (dora_ext.norm_caching or PEFT's DoraCaching) and in eval, the norm of the current W, A, B
-        and scaling, kept (one [out] fp32 vector) until one of them changes (layer_state.NormCache): unmerged eval
-        then costs what LoRA costs plus one column-scale epilogue. Otherwise None: the op computes it, fused."""
-        if not self._norm_cache.enabled(self.training):
-            return None
-        return self._norm_cache.norm("norm", lambda: (self.weight, self.lora_A, self.lora_B), self.scaling, False,
-                                     self.weight_norm)
+        return self.layer(x)
 
     def clear_cache(self) -> None:
         """Drop the eval-time norm cache (needed only with caching on, after writing parameters through `.data`)."""
-        self._norm_cache.clear()
+        self.layer.clear_cache()
 
-    def train(self, mode: bool = True) -> "DoRALinear":
-        self._norm_cache.clear()  # as PEFT: switching modes starts from a fresh norm
-        return super().train(mode)
-
-    @torch.no_grad()
     def merge(self) -> None:
         """Fold the adapter into the base weight in place: W ← g ⊙ (W + s·B·A). No-op when already merged (with
         PEFT's warning)."""
-        if self.merged:
-            warnings.warn("All adapters are already merged, nothing to do.")
-            return
-        self._ledger.merge_("default", self.weight, self.lora_A, self.lora_B, self.magnitude, self.weight_norm(),
-                            self.scaling)
-        self.merged = True
+        self.layer.merge()
 
-    @torch.no_grad()
     def unmerge(self) -> None:
         """Undo merge() with the norm cached at merge time (exact up to rounding). No-op when not merged."""
-        if not self.merged:
-            return
-        self._ledger.unmerge_("default", self.weight, self.lora_A, self.lora_B, self.magnitude, self.scaling)
-        self.merged = False
+        self.layer.unmerge()
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
-        """A new plain nn.Linear holding the merged weight (this layer is left as it is)."""
-        base = self.base_layer
-        plain = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None,
-                          device=self.weight.device, dtype=self.weight.dtype)
-        plain.weight.copy_(self.weight)
-        if not self.merged:
-            ops.merge_(plain.weight, self.lora_A, self.lora_B, self.magnitude, self.weight_norm(), self.scaling)
+        """A new plain nn.Linear holding the merged weight (this layer is left as it is): merge() run on a copy."""
+        trial = copy.deepcopy(self.layer)
+        if not trial.merged:
+            trial.merge()
+        base = trial.base_layer
+        plain = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None, device="meta")
+        plain.weight = nn.Parameter(base.weight.detach(), requires_grad=False)
         if base.bias is not None:
-            plain.bias.copy_(base.bias)
-        plain.requires_grad_(False)
+            plain.bias = nn.Parameter(base.bias.detach(), requires_grad=False)
         return plain
 
     def extra_repr(self) -> str:

@@ -34,6 +34,29 @@ __all__ = ["weight_norm", "weight_norm_4bit", "weight_norm_int8", "dora_linear",
 
 _ops = torch.ops.dora_ext
 
+#: op name -> its fake (shape) kernel, recorded by @_fake_kernel where each fake is defined; register_namespace
+#: registers them
+_FAKES: dict[str, Callable] = {}
+#: op name -> (setup_context, backward, takes_ns), recorded by @_autograd where each backward is defined. takes_ns:
+#: the backward calls its namespace's backward op (given as `_ns`), and eager_autograd.call runs the same pair
+_AUTOGRAD: dict[str, tuple[Callable, Callable, bool]] = {}
+
+
+def _fake_kernel(name: str):
+    """Record the decorated function as the fake kernel of op `name`."""
+    def record(fake: Callable) -> Callable:
+        _FAKES[name] = fake
+        return fake
+    return record
+
+
+def _autograd(*names: str, setup: Callable, takes_ns: bool = False):
+    """Record the decorated backward, with `setup` as its setup_context, as the autograd of ops `names`."""
+    def record(backward: Callable) -> Callable:
+        for name in names:
+            _AUTOGRAD[name] = (setup, backward, takes_ns)
+        return backward
+    return record
 
 
 def autocast_dtype(t: Tensor) -> torch.dtype | None:
@@ -60,7 +83,7 @@ def weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) 
         return eager_autograd.constant(_ops.weight_norm, weight, lora_A, lora_B, float(scaling))
 
 
-
+@_fake_kernel("weight_norm")
 def _weight_norm_fake(weight, lora_A, lora_B, scaling):
     return weight.new_empty((weight.shape[0],), dtype=accum_dtype(weight, lora_A))
 
@@ -70,6 +93,7 @@ def _weight_norm_setup(ctx, inputs, output):
     ctx.n_inputs = len(inputs)
 
 
+@_autograd("weight_norm", "weight_norm_4bit", "weight_norm_int8", setup=_weight_norm_setup)
 def _weight_norm_backward(ctx, grad):
     return (None,) * ctx.n_inputs  # a constant by definition (DoRA §4.3)
 
@@ -97,15 +121,15 @@ def weight_norm_int8(weight: Tensor, row_scale: Tensor, lora_A: Tensor, lora_B: 
         return eager_autograd.constant(_ops.weight_norm_int8, weight, row_scale, lora_A, lora_B, float(scaling))
 
 
+@_fake_kernel("weight_norm_4bit")
 def _weight_norm_4bit_fake(packed, absmax, code, blocksize, absmax_code, absmax_scale, absmax_offset,
                            absmax_blocksize, out_features, in_features, dtype, lora_A, lora_B, scaling, row_group=0):
     return packed.new_empty((out_features,), dtype=accum_dtype(lora_A))
 
 
+@_fake_kernel("weight_norm_int8")
 def _weight_norm_int8_fake(weight, row_scale, lora_A, lora_B, scaling):
     return weight.new_empty((weight.shape[0],), dtype=accum_dtype(lora_A))
-
-
 
 
 # ---------------------------------------------------------------------------------------------------- dora_linear
@@ -149,6 +173,7 @@ def dora_linear(
     return out
 
 
+@_fake_kernel("dora_linear")
 def _dora_linear_fake(x, x_drop, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling):
     torch._check(
         x.shape[-1] == weight.shape[1],
@@ -203,6 +228,7 @@ def _dora_linear_setup(ctx, inputs, output):
     )
 
 
+@_autograd("dora_linear", setup=_dora_linear_setup, takes_ns=True)
 def _dora_linear_backward(ctx, grad_out, _grad_acc, _grad_u, *, _ns):
     if grad_out is None:  # only reachable if the output was unused (grads are not materialised)
         return None, None, None, None, None, None, None, None, None
@@ -228,6 +254,7 @@ def _is_real(t: Tensor) -> bool:
     return not torch_private.is_fake(t)
 
 
+@_fake_kernel("dora_linear_backward")
 def _dora_linear_backward_fake(grad_out, x_src, weight, lora_A, lora_B, magnitude, weight_norm, acc, lora_u, scaling,
                                dropout, output_mask, acc_is_output=False):
     need_x, need_xd, need_A, need_B, need_m, need_bias = output_mask
@@ -281,6 +308,7 @@ def dora_rescale(result: Tensor, lora_u: Tensor, lora_B: Tensor, magnitude: Tens
 _pending = threading.local()
 
 
+@_fake_kernel("dora_rescale")
 def _dora_rescale_fake(result, base, bias, lora_u, lora_B, magnitude, weight_norm, scaling, x=None, weight=None):
     torch._check(
         result.shape[-1] == lora_B.shape[0],
@@ -318,6 +346,7 @@ def _dora_rescale_setup(ctx, inputs, output):
                           x if rebuild else None, weight if rebuild else None)
 
 
+@_autograd("dora_rescale", setup=_dora_rescale_setup, takes_ns=True)
 def _dora_rescale_backward(ctx, grad_out, _grad_acc, *, _ns):
     if grad_out is None:
         return (None,) * 10
@@ -349,8 +378,7 @@ def _dora_rescale_backward(ctx, grad_out, _grad_acc, *, _ns):
     return g_result, g_base, g_bias, g_u, g_B, g_m, None, None, None, None
 
 
-
-
+@_fake_kernel("dora_rescale_backward")
 def _dora_rescale_backward_fake(grad_out, lora_u, lora_B, magnitude, weight_norm, acc, scaling, has_base, output_mask,
                                 acc_is_output=False):
     need_result, need_base, need_u, need_B, need_m = output_mask
@@ -381,6 +409,7 @@ def dora_mixed(result: Tensor, x: Tensor, adapters, adapter_index: Tensor, *, bi
                                [float(a[2]) for a in adapters], torch.stack(mags), torch.stack(norms), adapter_index)
 
 
+@_fake_kernel("dora_mixed")
 def _dora_mixed_fake(result, bias, x, lora_A, lora_B, scaling, magnitude, weight_norm, adapter_index):
     return torch.empty_like(result, memory_format=torch.contiguous_format)
 
@@ -389,6 +418,7 @@ def _dora_mixed_setup(ctx, inputs, output):
     pass
 
 
+@_autograd("dora_mixed", setup=_dora_mixed_setup)
 def _dora_mixed_backward(ctx, grad):
     raise RuntimeError("dora_ext::dora_mixed: mixed-adapter batches are for inference; it has no backward (train "
                        "each adapter with its own batches)")
@@ -413,20 +443,17 @@ def unmerge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, 
 # ------------------------------------------------------------------------------------------- registration
 def register_namespace(ns: str) -> None:
     """Fake kernels and autograd for every op of namespace `ns`: "dora_ext", and the CUDA-emulation test library's
-    "dora_ext_emu", which has the same schemas. Each namespace's backward calls its own backward op."""
+    "dora_ext_emu", which has the same schemas (_FAKES and _AUTOGRAD: what each op's definition recorded). Each
+    namespace's backward calls its own backward op."""
     ops_ns = getattr(torch.ops, ns)
-    for name in ("weight_norm", "weight_norm_4bit", "weight_norm_int8", "dora_linear", "dora_linear_backward",
-                 "dora_rescale", "dora_rescale_backward", "dora_mixed"):
-        torch.library.register_fake(f"{ns}::{name}", globals()[f"_{name}_fake"])
-    for name in ("weight_norm", "weight_norm_4bit", "weight_norm_int8"):  # constants: no gradient to anything
-        torch.library.register_autograd(f"{ns}::{name}", _weight_norm_backward, setup_context=_weight_norm_setup)
+    for name, fake in _FAKES.items():
+        torch.library.register_fake(f"{ns}::{name}", fake)
     _EAGER[ns] = {}
-    for name, setup, backward in (("dora_linear", _dora_linear_setup, _dora_linear_backward),
-                                  ("dora_rescale", _dora_rescale_setup, _dora_rescale_backward)):
-        bound = functools.partial(backward, _ns=ops_ns)
-        torch.library.register_autograd(f"{ns}::{name}", bound, setup_context=setup)
-        _EAGER[ns][name] = (getattr(ops_ns, name).default, setup, bound)  # eager_autograd.call: the same functions
-    torch.library.register_autograd(f"{ns}::dora_mixed", _dora_mixed_backward, setup_context=_dora_mixed_setup)
+    for name, (setup, backward, takes_ns) in _AUTOGRAD.items():
+        if takes_ns:
+            backward = functools.partial(backward, _ns=ops_ns)
+            _EAGER[ns][name] = (getattr(ops_ns, name).default, setup, backward)  # eager_autograd.call: the same
+        torch.library.register_autograd(f"{ns}::{name}", backward, setup_context=setup)
 
 
 #: per namespace and differentiable op: (op overload, setup_context, backward) for eager_autograd.call

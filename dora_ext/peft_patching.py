@@ -23,7 +23,8 @@ from torch import nn
 
 from . import quantized
 from .activation_policy import DEFAULT_MODE, check_mode
-from .peft_private import peft_modules
+from .mixed_batch import mixed_output
+from .peft_private import peft_modules, variant_kwarg_keys
 from .peft_variants import MODE_ATTR, fused_variant, fused_variant_classes, linear_norm
 
 __all__ = ["from_peft", "patch_peft", "unpatch_peft", "peft_patched"]
@@ -58,7 +59,10 @@ def _serves_mixed(layer, names) -> bool:
 class _FusedResolve:
     """Mixin for a PEFT LoRA layer class: adapters added later (add_adapter, load_adapter, a second
     get_peft_model call) resolve to the fused variants too; and linear layers serve mixed-adapter batches
-    (`adapter_names`) with DoRA adapters in them, which PEFT refuses (dora_ext.serving)."""
+    (`adapter_names`) with DoRA adapters in them, which PEFT refuses (dora_ext.mixed_batch).
+
+    The methods below override PEFT's own by name, private ones included: each is an entry of
+    peft_private.PRIVATE, which tests/test_private_apis.py checks against the installed PEFT."""
 
     def resolve_lora_variant(self, *, config, **kwargs):
         return fused_variant(super().resolve_lora_variant(config=config, **kwargs))
@@ -78,9 +82,7 @@ class _FusedResolve:
     def _mixed_batch_forward(self, x, *args, adapter_names, **kwargs):
         if not _serves_mixed(self, adapter_names):
             return super()._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
-        from .serving import mixed_output
-
-        for key in ("alora_offsets",):  # PEFT's VARIANT_KWARG_KEYS: not for the base layer
+        for key in variant_kwarg_keys(self):  # the variants' keywords: not for the base layer
             kwargs.pop(key, None)
         base_layer = self.get_base_layer()
 
@@ -94,25 +96,26 @@ class _FusedResolve:
                             adapter_names, self.lora_A, adapter_of)
 
 
-_FUSED_LAYER_CLASSES: dict[type, type] = {}
+_FUSED_CLASSES: dict[tuple[type, type], type] = {}  # (mixin, PEFT class) -> the subclass of both
 
 
-def _fused_layer_class(cls: type) -> type:
-    if issubclass(cls, _FusedResolve):
+def _with_mixin(mixin: type, cls: type) -> type:
+    """`cls` (a PEFT layer or tuner class) with `mixin` first in its MRO, made once per pair. repr stays PEFT's
+    ("lora.Linear(...)"); the class is importable by name from this module, for pickling and deepcopy."""
+    if issubclass(cls, mixin):
         return cls
-    if cls not in _FUSED_LAYER_CLASSES:
+    if (mixin, cls) not in _FUSED_CLASSES:
         name = f"Fused{cls.__name__}"
-        new = type(name, (_FusedResolve, cls), {"__module__": __name__, "__qualname__": name})
-        # repr stays PEFT's ("lora.Linear(...)"); the class is importable by name for pickling
+        new = type(name, (mixin, cls), {"__module__": __name__, "__qualname__": name})
         setattr(sys.modules[__name__], name, new)
-        _FUSED_LAYER_CLASSES[cls] = new
-    return _FUSED_LAYER_CLASSES[cls]
+        _FUSED_CLASSES[mixin, cls] = new
+    return _FUSED_CLASSES[mixin, cls]
 
 
 def _fuse_layer(layer: nn.Module, mode: str | None) -> None:
     """Give a PEFT LoRA layer the fused layer class, the activation-memory mode and its DoRA adapters the fused
     variants (a variant resolved fused already is kept: _fused maps only PEFT's DoRA classes)."""
-    layer.__class__ = _fused_layer_class(type(layer))
+    layer.__class__ = _with_mixin(_FusedResolve, type(layer))
     layer.__dict__[MODE_ATTR] = mode
     for name, variant in list(layer.lora_variant.items()):
         layer.lora_variant[name] = fused_variant(variant)
@@ -137,18 +140,6 @@ class _FusedTuner:
         return module
 
 
-_FUSED_TUNER_CLASSES: dict[type, type] = {}
-
-
-def _fused_tuner_class(cls: type) -> type:
-    if issubclass(cls, _FusedTuner):
-        return cls
-    if cls not in _FUSED_TUNER_CLASSES:
-        name = f"Fused{cls.__name__}"
-        new = type(name, (_FusedTuner, cls), {"__module__": __name__, "__qualname__": name})
-        setattr(sys.modules[__name__], name, new)  # importable by name: pickling, deepcopy
-        _FUSED_TUNER_CLASSES[cls] = new
-    return _FUSED_TUNER_CLASSES[cls]
 
 
 def from_peft(peft_model: nn.Module, *, activation_memory: str | None = DEFAULT_MODE) -> nn.Module:
@@ -171,10 +162,10 @@ def from_peft(peft_model: nn.Module, *, activation_memory: str | None = DEFAULT_
             quantized.kind(layer.get_base_layer())  # refuses quantized layers it cannot read (HQQ, torchao, ...)
     for layer in layers:
         _fuse_layer(layer, activation_memory)
-    from peft.tuners.lora import LoraModel
+    from peft.tuners.lora import LoraModel  # peft is optional: importing dora_ext never needs it
 
     for tuner in [m for m in peft_model.modules() if isinstance(m, LoraModel)]:
-        tuner.__class__ = _fused_tuner_class(type(tuner))
+        tuner.__class__ = _with_mixin(_FusedTuner, type(tuner))
         tuner.__dict__[MODE_ATTR] = activation_memory  # the mode of the layers it creates later
     return peft_model
 

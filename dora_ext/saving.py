@@ -1,6 +1,7 @@
 """Writing adapters in PEFT's format: adapter_config.json + adapter_model.safetensors, keys as PEFT saves them
 (peft/utils/save_and_load.py get_peft_model_state_dict): `base_model.model.<module>.lora_A.weight`, `.lora_B.weight`,
-`.lora_magnitude_vector` (Embedding: `.lora_embedding_A`, `.lora_embedding_B`), adapter name stripped.
+`.lora_magnitude_vector` (Embedding: `.lora_embedding_A`, `.lora_embedding_B`), adapter name stripped; and, by PEFT's
+save_embedding_layers="auto" rule, the base weights of targeted input/output embeddings (`.base_layer.weight`).
 
 save_adapter writes into a temporary directory next to the target and renames, so a failed save leaves no
 half-written adapter. `save_pretrained` is what a transformers model built by dora_ext.inject answers to
@@ -15,19 +16,26 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from .layers import DoRALayer
 from .model_state import AdapterConfigs, adapter_root, dora_layers
 
-__all__ = ["save_adapter", "adapter_state_dict", "adapter_tensors", "install_save_pretrained",
+__all__ = ["save_adapter", "adapter_state_dict", "adapter_tensors", "embedding_base_layers", "install_save_pretrained",
            "uninstall_save_pretrained", "CONFIG_NAME", "WEIGHTS_NAME", "KEY_PREFIX"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
+# PEFT's names and messages for saving embedding layers (peft/utils/constants.py EMBEDDING_LAYER_NAMES,
+# peft/utils/save_and_load.py get_peft_model_state_dict)
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+SAVE_EMBEDDINGS = "Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`."
+NOT_TRANSFORMERS = "Could not identify embedding layer(s) because the model is not a 🤗 transformers model."
 
 
 def _full(t: Tensor) -> Tensor:
@@ -47,9 +55,64 @@ def adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, tuple[Tens
             for (_, suffix, trainable), p in zip(layer.tensor_specs(adapter_name), layer.params_of(adapter_name))}
 
 
-def adapter_state_dict(model: nn.Module, adapter_name: str = "default",
-                       as_dora: bool = False) -> tuple[dict[str, Tensor], dict[str, int], dict[str, float]]:
+def _embedding_is_targeted(root: nn.Module, target_modules) -> bool:
+    """PEFT's test (get_peft_model_state_dict): a target_modules list holds one of EMBEDDING_LAYER_NAMES as an
+    entry, or a target_modules regex (other than "all-linear") matches a module whose name ends in one."""
+    if isinstance(target_modules, str):
+        return target_modules != "all-linear" and any(
+            re.fullmatch(target_modules, k) for k, _ in root.named_modules()
+            if any(re.match(rf"(.*\.)?{e}$", k) for e in EMBEDDING_LAYER_NAMES))
+    return bool(target_modules) and any(k in target_modules for k in EMBEDDING_LAYER_NAMES)
+
+
+def embedding_base_layers(root: nn.Module, layers: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """{name of its base layer: base layer} for each of `layers` ({name: a dora_ext layer, or a module about to be
+    wrapped}) that is the model's input or output embedding (get_input_embeddings / get_output_embeddings) over an
+    nn.Embedding or nn.Linear: the base layers whose tensors PEFT saves next to a targeted embedding's adapter
+    (get_peft_model_state_dict, has_valid_embedding_base_layer), under `<layer>.base_layer.`."""
+    if not hasattr(root, "get_input_embeddings"):
+        return {}
+    embeddings = {id(root.get_input_embeddings()), id(root.get_output_embeddings())}
+    out = {}
+    for name, mod in layers.items():
+        base = mod.base_layer if isinstance(mod, DoRALayer) else mod
+        if id(mod) in embeddings and isinstance(base, (nn.Linear, nn.Embedding)):
+            out[f"{name}.base_layer"] = base
+    return out
+
+
+def _embedding_tensors(model: nn.Module, target_modules, save_embedding_layers) -> dict[str, Tensor]:
+    """The base-layer tensors PEFT's get_peft_model_state_dict adds for save_embedding_layers: "auto" turns it on,
+    with PEFT's warning, when an embedding is targeted; True saves the targeted embeddings' base layers."""
+    root = adapter_root(model)
+    targeted = _embedding_is_targeted(root, target_modules)
+    if save_embedding_layers == "auto":
+        # PEFT's other "auto" case, a vocabulary resized since the base checkpoint (found by reading the base's
+        # config.json, from the Hub if need be), saves whole untargeted embedding layers; dora_ext writes and reads
+        # adapters only and does not implement it
+        if not targeted:
+            return {}
+        warnings.warn(SAVE_EMBEDDINGS)
+    elif not save_embedding_layers:
+        return {}
+    elif not targeted:
+        raise ValueError("dora_ext.save_adapter: save_embedding_layers=True saves the base weights of targeted "
+                         "embedding layers (embed_tokens / lm_head in target_modules); no embedding is targeted here")
+    if not hasattr(root, "get_input_embeddings"):
+        warnings.warn(NOT_TRANSFORMERS)
+        return {}
+    return {f"{KEY_PREFIX}{name}.{k}": _full(v.detach())
+            for name, base in embedding_base_layers(root, dora_layers(model)).items()
+            for k, v in base.state_dict().items()}
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default", as_dora: bool = False,
+                       save_embedding_layers: bool | str = "auto"
+                       ) -> tuple[dict[str, Tensor], dict[str, int], dict[str, float]]:
     """({saved key: whole tensor}, rank_pattern, alpha_pattern) of one adapter, as save_adapter writes it.
+    save_embedding_layers: PEFT's rule (get_peft_model_state_dict): with "auto" (PEFT's default) or True, and an
+    embedding targeted (embed_tokens / lm_head in target_modules), the base weights of the targeted input/output
+    embeddings are saved too (`<layer>.base_layer.weight`), with PEFT's warning for "auto".
 
     Dynamic-rank adapters are written as ordinary DoRA/LoRA adapters: the gates are folded into B (B·diag(c)), pruned
     components are dropped, and each layer's rank and scaling go into rank_pattern / alpha_pattern (alpha = s·r, so
@@ -62,7 +125,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default",
             continue
         variant = layer.variants[adapter_name]
         full = {c: _full(t.detach()) for c, t in layer.extras(adapter_name).items()}
-        A, B = (_full(t.detach()) for t in layer._factor_tensors(adapter_name))
+        A, B = (_full(t.detach()) for t in layer.factor_tensors(adapter_name))
         exported = variant.export(A, B, full, as_dora)  # the variant's own fold (B·R, gates), or None
         if exported is None:
             continue
@@ -75,16 +138,21 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default",
         alphas[re.escape(name)] = layer.scaling[adapter_name] * rank
     if not out:
         raise ValueError(f"dora_ext.save_adapter: the model has no adapter {adapter_name!r}")
+    config = AdapterConfigs.of(model).get(adapter_name)
+    if config is not None:  # without a recorded config (save_adapter refuses it) there is no target_modules to test
+        out.update(_embedding_tensors(model, config.target_modules, save_embedding_layers))
     return out, ranks, alphas
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
-                 base_model_name_or_path: str | None = None, as_dora: bool = False) -> None:
+                 base_model_name_or_path: str | None = None, as_dora: bool = False,
+                 save_embedding_layers: bool | str = "auto") -> None:
     """Write `adapter_name` as an adapter directory (adapter_config.json + adapter_model.safetensors).
 
     DoRA, LoRA and dynamic-rank adapters are PEFT adapters that PeftModel.from_pretrained loads with the same
     outputs (dynamic rank: folded, see adapter_state_dict). EDoRA keeps its own keys (lora_A/lora_B frozen SVD
     factors, lora_R, lora_magnitude_vector) under peft_type "DORA_EXT"; as_dora=True exports it as PEFT DoRA.
+    save_embedding_layers: PEFT's save_pretrained argument (adapter_state_dict).
     Under torch.distributed every rank must call it (sharded tensors are gathered); rank 0 writes."""
     path = Path(path)
     if path.exists() and not path.is_dir():  # checked before anything is written or gathered
@@ -98,7 +166,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
                          "carry no adapter name or config; save them with the model's state_dict, or build the "
                          "model with dora_ext.inject(model, DoRAConfig(...)) to get PEFT's adapter files")
     config = AdapterConfigs.of(model).get(adapter_name)
-    state, ranks, alphas = adapter_state_dict(model, adapter_name, as_dora)
+    state, ranks, alphas = adapter_state_dict(model, adapter_name, as_dora, save_embedding_layers)
     if config is None:
         raise ValueError(f"dora_ext.save_adapter: no DoRAConfig recorded for adapter {adapter_name!r} (was it added "
                          "with dora_ext.inject or load_adapter?)")
@@ -108,7 +176,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
                                      r=max(ranks.values()), rank_pattern=ranks, alpha_pattern=alphas)
     if not _is_writer():
         return
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # safetensors is optional: only writing an adapter needs it
 
     tensors = {k: v.to("cpu").contiguous() for k, v in state.items()}
     meta = config.to_peft_dict(base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path",
@@ -169,7 +237,8 @@ class _SavePretrained:
             return
         for name in names:
             path = Path(save_directory) if name == "default" else Path(save_directory) / name
-            save_adapter(model, path, adapter_name=name)
+            save_adapter(model, path, adapter_name=name,
+                         save_embedding_layers=kwargs.get("save_embedding_layers", "auto"))
 
 
 def install_save_pretrained(model: nn.Module) -> None:

@@ -2,8 +2,8 @@
 
 Sample i's output equals the model run with only adapter_names[i] active (its eval-time norm cache included); DoRA,
 plain LoRA, EDoRA and dynamic-rank adapters of any rank mix in one batch, and a layer an adapter does not target
-passes that sample through the base. Per linear layer the base product runs once for all tokens and each adapter's
-low-rank part only on its own tokens, with every token's gain applied in one fused epilogue (`ops.dora_mixed`).
+passes that sample through the base. A layer's own arithmetic for it is dora_ext.mixed_batch; this module is the
+model-level block that hands every layer its names.
 
   * PeftModels converted by `dora_ext.from_peft`: PEFT's own keyword, `model(**batch, adapter_names=[...])` and
     `model.generate(..., adapter_names=[...])` (PEFT itself refuses it for DoRA: huggingface/peft#2089).
@@ -23,40 +23,12 @@ from __future__ import annotations
 import contextlib
 from typing import Sequence
 
-import torch
 from torch import Tensor, nn
 
-from . import ops
+from .mixed_batch import BASE
+from .model_state import dora_layers
 
-__all__ = ["BASE", "mixed_adapters", "mixed_output", "token_index", "check_names"]
-
-#: the name of "no adapter" in a mixed batch (PEFT's)
-BASE = "__base__"
-
-
-def token_index(names: Sequence[str], adapters: Sequence[str], x: Tensor) -> Tensor:
-    """[T] int64: for every token of x [batch, ..., features], the position of its sample's adapter in `adapters`,
-    or len(adapters) for a name this layer does not hold (the base)."""
-    position = {name: k for k, name in enumerate(adapters)}
-    per_sample = torch.tensor([position.get(n, len(adapters)) for n in names], dtype=torch.int64)
-    tokens_per_sample = x[0].numel() // x.shape[-1] if x.shape[0] else 0
-    return per_sample.repeat_interleave(tokens_per_sample).to(x.device)
-
-
-def check_names(names: Sequence[str], batch: int, where: str) -> None:
-    if len(names) != batch:
-        hint = ""
-        if names and batch % len(names) == 0:
-            hint = (" (generate() with num_beams or num_return_sequences repeats each prompt's row: call generate on "
-                    "the model given to mixed_adapters, which repeats the names alike)")
-        raise ValueError(f"{where}: expected one adapter name per sample, got {len(names)} names for a batch of "
-                         f"{batch}{hint}")
-
-
-def _layers(model: nn.Module):
-    from .model import dora_layers
-
-    return dora_layers(model)
+__all__ = ["mixed_adapters"]
 
 
 @contextlib.contextmanager
@@ -70,7 +42,7 @@ def mixed_adapters(model: nn.Module, adapter_names: Sequence[str]):
     (`norm_caching(False)` inside the block still turns it off). Writes through `.data` inside the block are not
     seen: make them outside it."""
     what = "dora_ext.mixed_adapters"
-    layers = _layers(model)
+    layers = dora_layers(model)
     if not layers:
         raise ValueError(f"{what}: the model has no dora_ext layers")
     if any(layer.training for layer in layers.values()):
@@ -85,17 +57,14 @@ def mixed_adapters(model: nn.Module, adapter_names: Sequence[str]):
     if unknown:
         raise ValueError(f"{what}: unknown adapter(s) {unknown}; known: {known} (and {BASE!r} for the base model)")
     for layer in layers.values():
-        layer.mixed_names = names
-        layer._norm_cache.scoped = True
+        layer.serve_mixed(names)
     restore = _names_per_row_in_generate(model, names, layers.values())
     try:
         yield model
     finally:
         restore()
         for layer in layers.values():
-            layer.mixed_names = None
-            layer._norm_cache.scoped = False
-            layer._norm_cache.clear()
+            layer.serve_mixed(None)
 
 
 def _names_per_row_in_generate(model: nn.Module, names: list[str], layers):
@@ -139,27 +108,3 @@ def _names_per_row_in_generate(model: nn.Module, names: list[str], layers):
             model.generate = own
 
     return restore
-
-
-def mixed_output(x: Tensor, result: Tensor, bias: Tensor | None, names: Sequence[str], known,
-                 adapter_of) -> Tensor:
-    """A linear layer's mixed-batch output from its base output `result` (x's base product, bias included):
-    `known` holds the layer's adapter names (a layer an adapter does not target passes its samples through), and
-    adapter_of(name) gives (lora_A, lora_B, scaling, magnitude or None for plain LoRA, norm or None)."""
-    held = [n for n in dict.fromkeys(names) if n in known]
-    if not held:
-        return result
-    with torch.no_grad():
-        return ops.dora_mixed(result, x, [adapter_of(n) for n in held], token_index(names, held, x),
-                              bias=None if bias is None else bias.to(result.dtype))
-
-
-def linear_mixed(x: Tensor, result: Tensor, bias: Tensor | None, names: Sequence[str], layer) -> Tensor:
-    """The mixed forward of a linear-kind layer (dora_ext's Linear, QuantizedLinear): `result` is its base output."""
-    def adapter_of(name):
-        A, B = layer.factors(name)
-        m = layer.lora_magnitude_vector[name].weight if layer.has_magnitude(name) else None
-        norm = layer.current_norm(name, (A, B)) if m is not None else None  # the eval cache
-        return A, B, layer.scaling[name], m, norm
-
-    return mixed_output(x, result, bias, names, layer.r, adapter_of)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import dora_ext
-from dora_ext import modules
+from dora_ext import ops
 from dora_ext import reference as ref
 from helpers import assert_close
 
@@ -16,13 +16,13 @@ from helpers import assert_close
 @pytest.fixture
 def norm_calls(monkeypatch):
     calls = []
-    real = modules.ops.weight_norm
+    real = ops.weight_norm
 
     def counting(*args):
         calls.append(1)
         return real(*args)
 
-    monkeypatch.setattr(modules.ops, "weight_norm", counting)
+    monkeypatch.setattr(ops, "weight_norm", counting)
     return calls
 
 
@@ -50,7 +50,7 @@ def test_default_is_uncached_and_never_stale(device, norm_calls):
     x = torch.randn(3, 24, dtype=torch.float64, device=device)
     for _ in range(2):
         layer(x)
-    assert not norm_calls and not layer._norm_cache  # the op computes the norm itself, fused; nothing is kept
+    assert len(norm_calls) == 2 and not layer.layer._norm_cache  # one norm (one pass over W) per forward, none kept
     layer.lora_B.data.mul_(2.0)  # bypasses the version counter (EMA copy_to, some loaders): no clear_cache needed
     layer.weight.data.add_(0.1)
     assert_close(layer(x), expected(layer, x), torch.float64)
@@ -66,7 +66,7 @@ def test_eval_reuses_the_norm(device, norm_calls):
     assert len(norm_calls) == 1
     assert_close(y, expected(layer, x), torch.float64)
     layer(x)  # outside the block: computed again, and what was kept is dropped (as PEFT's DoraCaching)
-    assert len(norm_calls) == 1 and not layer._norm_cache
+    assert len(norm_calls) == 2 and not layer.layer._norm_cache
 
 
 def test_training_never_caches(device):
@@ -74,11 +74,12 @@ def test_training_never_caches(device):
     x = torch.randn(3, 24, dtype=torch.float64, device=device)
     with dora_ext.norm_caching():
         layer(x)
-        assert layer._norm_cache
+        assert layer.layer._norm_cache
         layer.train()  # A and B change every step in training: the norm is computed inside the op each call
-        assert not layer._norm_cache and layer._eval_weight_norm() is None
+        layer.layer.current_norm("default", layer.layer.factors("default"))  # a training norm is never kept
+        assert not layer.layer._norm_cache
         layer(x)
-        assert not layer._norm_cache
+        assert not layer.layer._norm_cache
 
 
 @pytest.mark.parametrize("change", ["lora_A", "lora_B", "weight", "scaling", "load_state_dict", "merge_unmerge",
@@ -198,9 +199,9 @@ def test_peft_dora_caching_switches_our_layers_too(norm_calls):
     with DoraCaching():
         layer(x)
         layer(x)
-        assert len(norm_calls) == 1 and layer._norm_cache
+        assert len(norm_calls) == 1 and layer.layer._norm_cache
         with dora_ext.norm_caching(False):  # ours, set explicitly, wins in this thread
             layer(x)
-            assert len(norm_calls) == 1 and not layer._norm_cache
+            assert len(norm_calls) == 2 and not layer.layer._norm_cache
     layer(x)
-    assert len(norm_calls) == 1 and not layer._norm_cache
+    assert len(norm_calls) == 3 and not layer.layer._norm_cache

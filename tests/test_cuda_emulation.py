@@ -1,11 +1,11 @@
 """Every CUDA kernel executed in CI: csrc/cuda/kernels.cuh compiled as host C++ over the CPU emulation
-(csrc/cuda/emulation.h: one fiber per CUDA thread, run barrier to barrier in ascending and in descending thread order,
-shared memory and fresh allocations NaN-filled, every tensor a kernel touches fenced by poisoned guard bytes and
-PROT_NONE pages: csrc/cuda/guarded_memory.h), with the real extension's schemas and host ops, as the test-only
-library `dora_ext_emu`. Each test runs the op layer through the emulated CUDA kernels and compares with the CPU
-kernels (torch.ops.dora_ext) and the float64 reference, on small awkward shapes: 1, 7, 33 and 257 rows (the norm
-kernel's blocks hold 8 rows, the column kernels' 256 columns and 4 rows per thread, the reduction chunks 64 rows),
-r = 1, 3, 64, in_features not a multiple of the block, strided and transposed weights, four dtypes, empty inputs.
+(tests/cuda_emulation/include/emulation.h: one fiber per CUDA thread, run barrier to barrier in ascending and in
+descending thread order, shared memory and fresh allocations NaN-filled, every tensor a kernel touches fenced by
+poisoned guard bytes and PROT_NONE pages: guarded_memory.h beside it), with the real extension's schemas and host ops,
+as the test-only library `dora_ext_emu`. Each test runs the op layer through the emulated CUDA kernels and compares
+with the CPU kernels (torch.ops.dora_ext) and the float64 reference, on small awkward shapes: 1, 7, 33 and 257 rows
+(the norm kernel's blocks hold 8 rows, the column kernels' 256 columns and 4 rows per thread, the reduction chunks 64
+rows), r = 1, 3, 64, in_features not a multiple of the block, strided and transposed weights, four dtypes, empty inputs.
 
 Tolerances: the emulated kernels and the CPU kernels sum in different orders (the norm: per-thread partial sums
 then a tree, against a row-blocked BLAS norm), so they agree to the compute dtype's rounding (helpers.TOLERANCES);
@@ -40,6 +40,10 @@ from helpers import TOLERANCES, as64, dtype_id
 ROOT = Path(__file__).resolve().parents[1]
 HOST_SOURCES = ["csrc/dora_ext.cpp", "csrc/registration.cpp", "csrc/dora_linear.cpp", "csrc/dora_rescale.cpp", "csrc/dora_mixed.cpp",
                 "csrc/weight_ops.cpp", "tests/cuda_emulation/emulated_kernels.cpp"]
+# Every translation unit of the emulation builds gets the emulation's op wrapper (DORA_EXT_IMPL: NaN-filled, guarded
+# memory) ahead of its own code: the product's registrations name no test header (csrc/op_namespace.h).
+EMULATION_FLAGS = ["-DDORA_EXT_EMULATE_CUDA", "-include", str(ROOT / "tests/cuda_emulation/include/emulated_ops.h"),
+                   "-Wno-unknown-pragmas"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -61,7 +65,7 @@ def emu():
     build = ROOT / "build" / "cuda_emulation"
     build.mkdir(parents=True, exist_ok=True)
     load(name="dora_ext_emulated", sources=[str(ROOT / s) for s in HOST_SOURCES], build_directory=str(build),
-         extra_cflags=["-O2", "-DDORA_EXT_EMULATE_CUDA", "-DDORA_EXT_OPS_NS=dora_ext_emu", "-Wno-unknown-pragmas"],
+         extra_cflags=["-O2", "-DDORA_EXT_OPS_NS=dora_ext_emu", *EMULATION_FLAGS],
          is_python_module=False, verbose=bool(os.environ.get("DORA_EXT_VERBOSE_BUILD")))
     ops.register_namespace("dora_ext_emu")
     return torch.ops.dora_ext_emu
@@ -95,8 +99,7 @@ def emu_fma():
     build.mkdir(parents=True, exist_ok=True)
     load(name="dora_ext_emulated_fma", sources=[str(ROOT / "tests/cuda_emulation/fma_variant.cpp")],
          build_directory=str(build),
-         extra_cflags=["-O2", "-DDORA_EXT_EMULATE_CUDA", "-DDORA_EXT_OPS_NS=dora_ext_emu_fma",
-                       "-Wno-unknown-pragmas", *flags],
+         extra_cflags=["-O2", "-DDORA_EXT_OPS_NS=dora_ext_emu_fma", *EMULATION_FLAGS, *flags],
          is_python_module=False, verbose=bool(os.environ.get("DORA_EXT_VERBOSE_BUILD")))
     return torch.ops.dora_ext_emu_fma
 
@@ -361,11 +364,11 @@ def test_launches_clamped_at_the_grid_limit(emu, via_emulation, grid_limit, orde
 
 # ------------------------------------------------------------------------------------------- the guards
 def test_guards_stop_out_of_range_accesses(emu):
-    """Every tensor an emulated kernel touches is fenced (csrc/cuda/guarded_memory.h): a write just out of range is
-    found in the poisoned slack after the launch, an access further out faults into the PROT_NONE reservation and
-    stops the kernel; both fail the launch with an error naming the kernel, the argument and the offset, and the
-    process goes on. A read just out of range yields the poison, NaN. probe_kernel (tests/cuda_emulation) reads or
-    writes one element of a 10-element float32 tensor at any offset."""
+    """Every tensor an emulated kernel touches is fenced (tests/cuda_emulation/include/guarded_memory.h): a write just
+    out of range is found in the poisoned slack after the launch, an access further out faults into the PROT_NONE
+    reservation and stops the kernel; both fail the launch with an error naming the kernel, the argument and the
+    offset, and the process goes on. A read just out of range yields the poison, NaN. probe_kernel
+    (tests/cuda_emulation) reads or writes one element of a 10-element float32 tensor at any offset."""
     data = torch.arange(10, dtype=torch.float32)
     assert emu.probe_access(data, 3, False).item() == 3.0
     emu.probe_access(data, 3, True)  # in range: written back to the caller's tensor (an in-place argument)

@@ -11,7 +11,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from .. import functional, ops, serving
+from .. import functional, mixed_batch
 from ..activation_policy import DEFAULT_MODE, check_mode
 from ..config import check_alpha, check_dropout, check_rank
 from ..layer_state import MergeLedger, NormCache
@@ -80,9 +80,9 @@ class DoRALayer(nn.Module):
         dtype = self.weight.dtype
         return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
-    def _norm_key(self) -> list[Tensor]:
-        """The base tensors the norm depends on (the eval-cache key, with norm_inputs)."""
-        return [self.weight]
+    def _norm_base(self) -> Tensor | nn.Module:
+        """What the fused norm reads of the base (functional.weight_norm): the [out, in] view of the weight."""
+        return self.weight_2d()
 
     def weight_2d(self, weight: Tensor | None = None) -> Tensor:
         """The [out, in] view of the base weight (or of `weight`) the norm and merge run on."""
@@ -95,7 +95,7 @@ class DoRALayer(nn.Module):
     def _create_factors(self, name: str, r: int, factory: dict) -> None:
         raise NotImplementedError
 
-    def _factor_tensors(self, name: str) -> tuple[Tensor, Tensor]:
+    def factor_tensors(self, name: str) -> tuple[Tensor, Tensor]:
         """The stored (A, B) parameters of adapter `name`, as the variant initialises them."""
         raise NotImplementedError
 
@@ -125,7 +125,7 @@ class DoRALayer(nn.Module):
 
     def _init_adapter(self, name: str, sigma: float) -> None:
         """The variant's init of adapter `name` (a layer kind with its own init overrides this)."""
-        self.variants[name].reset_(self.weight_2d(), *self._factor_tensors(name), self.extras(name), sigma)
+        self.variants[name].reset_(self.weight_2d(), *self.factor_tensors(name), self.extras(name), sigma)
 
     def extras(self, name: str) -> dict[str, Tensor]:
         """The variant's own tensors of adapter `name` ({container: tensor}: EDoRA's R, the gates)."""
@@ -202,8 +202,8 @@ class DoRALayer(nn.Module):
             with torch.no_grad():
                 self._init_adapter(name, sigma)
                 if self.has_magnitude(name):
-                    norm = self.weight_norm(name).to(adapter_dtype).reshape(self._magnitude_shape())
-                    self.lora_magnitude_vector[name] = Magnitude(nn.Parameter(norm))
+                    m = functional.init_magnitude(self.weight_norm(name), self._magnitude_shape(), adapter_dtype)
+                    self.lora_magnitude_vector[name] = Magnitude(nn.Parameter(m))
             self.set_adapter(self.active_adapters or [name])
         except BaseException:
             self.forget_adapter(name, active)
@@ -262,17 +262,27 @@ class DoRALayer(nn.Module):
         (or `weight`); `factors`: self.factors(name) when the caller has them already. Never materialises the
         [out, in] sum."""
         A, B = self.factors(name) if factors is None else factors
-        return ops.weight_norm(self.weight_2d(weight), A, B, self.scaling[name])
+        return functional.weight_norm(self._norm_base() if weight is None else self.weight_2d(weight), A, B,
+                                      self.scaling[name])
 
     def current_norm(self, name: str, factors: tuple[Tensor, Tensor]) -> Tensor:
         """The norm for a forward: with caching on (dora_ext.norm_caching, PEFT's DoraCaching, or inside a
         mixed_adapters block) and in eval, kept until W, A, B or the scaling change; else computed (NormCache)."""
-        return self._norm_cache.norm(name, lambda: (*self._norm_key(), *self.norm_inputs(name)), self.scaling[name],
-                                     self.training, lambda: self.weight_norm(name, factors=factors))
+        return self._norm_cache.norm(name, self._norm_base(), *factors, self.scaling[name], self.training,
+                                     inputs=lambda: self.norm_inputs(name))
 
     def clear_cache(self) -> None:
         """Drop the eval-time norm cache (needed only with caching on, after writing parameters through `.data`)."""
         self._norm_cache.clear()
+
+    def serve_mixed(self, names: list[str] | None) -> None:
+        """Enter a mixed-adapter block with one adapter name per sample (dora_ext.mixed_adapters), or leave it
+        (None). Inside, the layer keeps its eval norms (a scoped NormCache) unless norm_caching says otherwise;
+        leaving drops them, so nothing kept for the block outlives it."""
+        self.mixed_names = names
+        self._norm_cache.scoped = names is not None
+        if names is None:
+            self._norm_cache.clear()
 
     def train(self, mode: bool = True):
         self._norm_cache.clear()  # as PEFT: switching modes starts from a fresh norm
@@ -407,16 +417,16 @@ class DoRALayer(nn.Module):
         raise NotImplementedError
 
     def _mixed_forward(self, x: Tensor, names: list[str], *args, **kwargs) -> Tensor:
-        """Sample i through adapter names[i] (serving.py); this generic form runs each adapter's samples as one
+        """Sample i through adapter names[i] (mixed_batch.py); this generic form runs each adapter's samples as one
         sub-batch (the linear kinds fuse it: one base product, one epilogue)."""
-        serving.check_names(names, x.shape[0], f"dora_ext.{type(self).__name__}")
+        mixed_batch.check_names(names, x.shape[0], f"dora_ext.{type(self).__name__}")
         groups: dict[str, list[int]] = {}
         for i, name in enumerate(names):
-            groups.setdefault(name if name in self.r else serving.BASE, []).append(i)
+            groups.setdefault(name if name in self.r else mixed_batch.BASE, []).append(i)
         out = None
         for name, rows in groups.items():
             xs = x[rows]
-            y = self.base_layer(xs, *args, **kwargs) if name == serving.BASE else self._adapted_forward(
+            y = self.base_layer(xs, *args, **kwargs) if name == mixed_batch.BASE else self._adapted_forward(
                 xs, [name], *args, **kwargs)
             if out is None:
                 out = y.new_empty((x.shape[0], *y.shape[1:]))

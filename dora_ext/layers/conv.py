@@ -28,8 +28,7 @@ class Conv(DoRALayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
-        b = base_layer
-        self.spec = functional.ConvSpec(CONV_FN[type(b)], b.stride, b.padding, b.dilation, b.groups)
+        self.spec = functional.conv_spec(base_layer)
 
     @classmethod
     def factor_shapes(cls, base, r):
@@ -56,7 +55,7 @@ class Conv(DoRALayer):
         self.lora_A[name] = conv(self.in_features, r, b.kernel_size, b.stride, b.padding, bias=False, **factory)
         self.lora_B[name] = conv(r, self.out_features, ones, ones, groups=b.groups, bias=False, **factory)
 
-    def _factor_tensors(self, name):
+    def factor_tensors(self, name):
         return self.lora_A[name].weight, self.lora_B[name].weight
 
     def weight_norm(self, name, weight=None, factors=None):
@@ -70,6 +69,13 @@ class Conv(DoRALayer):
             delta = (B.reshape(-1, r).to(dtype) @ A.reshape(r, -1).to(dtype)).reshape(weight.shape)
             return torch.linalg.vector_norm(weight.to(dtype) + self.scaling[name] * delta, dim=tuple(
                 range(1, weight.dim())))
+
+    def current_norm(self, name, factors):
+        """The base's, with PEFT's dense norm of a grouped convolution (weight_norm) in the same eval cache."""
+        if self.spec.groups == 1:
+            return super().current_norm(name, factors)
+        return self._norm_cache.norm(name, self._norm_base(), *factors, self.scaling[name], self.training,
+                                     inputs=lambda: self.norm_inputs(name), compute=lambda: self.weight_norm(name))
 
     def _check_mergeable(self):
         if self.spec.groups > 1:

@@ -40,7 +40,7 @@ class Embedding(DoRALayer):
         self.lora_embedding_A[name] = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_embedding_B[name] = nn.Parameter(torch.empty(self.out_features, r, **factory))
 
-    def _factor_tensors(self, name):
+    def factor_tensors(self, name):
         return self.lora_embedding_A[name], self.lora_embedding_B[name]
 
     def _init_adapter(self, name, sigma):

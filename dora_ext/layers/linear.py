@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .. import functional, serving
+from .. import functional, mixed_batch
 from ..variants import DoRA, DynamicDoRA, DynamicLoRA, EDoRA, LoRA
 from .base import DoRALayer, conv1d_type
 
@@ -51,11 +51,11 @@ class Linear(DoRALayer):
         weight = self.weight if weight is None else weight
         return weight.T if self.fan_in_fan_out else weight
 
-    def _factor_tensors(self, name):
+    def factor_tensors(self, name):
         return self.lora_A[name].weight, self.lora_B[name].weight
 
     def factors(self, name):
-        return self.variants[name].fold(*self._factor_tensors(name), self.extras(name))
+        return self.variants[name].fold(*self.factor_tensors(name), self.extras(name))
 
     def _create_factors(self, name, r, factory):
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **factory)
@@ -66,7 +66,7 @@ class Linear(DoRALayer):
         """Keep only the rank-1 components `keep` of dynamic-rank adapter `name`: lora_A rows, lora_B columns and
         gates are replaced by `swap(param, dim, keep)` (the allocator's: a new Parameter, optimizer state sliced
         alike). The scaling s = alpha/r₀ stays as trained."""
-        A, B = self._factor_tensors(name)
+        A, B = self.factor_tensors(name)
         self.lora_A[name].weight = swap(A, 0, keep)
         self.lora_B[name].weight = swap(B, 1, keep)
         self.lora_gate[name] = swap(self.lora_gate[name], 0, keep)
@@ -79,5 +79,5 @@ class Linear(DoRALayer):
                                  self.training)
 
     def _mixed_forward(self, x: Tensor, names: list[str], *args, **kwargs) -> Tensor:
-        serving.check_names(names, x.shape[0], f"dora_ext.{type(self).__name__}")
-        return serving.linear_mixed(x, self.base_layer(x, *args, **kwargs), self.base_layer.bias, names, self)
+        mixed_batch.check_names(names, x.shape[0], f"dora_ext.{type(self).__name__}")
+        return mixed_batch.linear_mixed(x, self.base_layer(x, *args, **kwargs), self.base_layer.bias, names, self)

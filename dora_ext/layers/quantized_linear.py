@@ -37,8 +37,8 @@ class QuantizedLinear(Linear):
     def _default_adapter_dtype(self):
         return torch.float32  # PEFT's quantized layers: float32 adapters
 
-    def _norm_key(self):
-        return quantized.storage(self.base_layer)
+    def _norm_base(self):
+        return self.base_layer  # the norm reads the packed weight (functional.weight_norm)
 
     def weight_2d(self, weight: Tensor | None = None) -> Tensor:
         """The dense [out, in] weight: `weight` itself, or the base layer dequantized (a one-off copy, for work
@@ -47,13 +47,7 @@ class QuantizedLinear(Linear):
 
     def _init_adapter(self, name, sigma):
         weight = self.weight_2d() if self.variants[name].reads_weight else None
-        self.variants[name].reset_(weight, *self._factor_tensors(name), self.extras(name), sigma)
-
-    def weight_norm(self, name, weight=None, factors=None):
-        if weight is not None:  # merging: the dense weight it works on
-            return super().weight_norm(name, weight, factors)
-        A, B = self.factors(name) if factors is None else factors
-        return quantized.weight_norm(self.base_layer, A, B, self.scaling[name])
+        self.variants[name].reset_(weight, *self.factor_tensors(name), self.extras(name), sigma)
 
     def _merge_target(self):
         return quantized.dequantize(self.base_layer)
@@ -63,11 +57,6 @@ class QuantizedLinear(Linear):
         self.clear_cache()
 
     def _adapted_forward(self, x: Tensor, active: list[str], *args, **kwargs) -> Tensor:
-        base, bias = self.base_layer, self.base_layer.bias
-
-        def base_of(x_drop: Tensor) -> Tensor:  # W·x_d for PEFT's dropout form: bitsandbytes' product, no bias
-            out = base(x_drop)
-            return out if bias is None else out - bias.to(out.dtype)
-
-        return functional.rescale(x, base(x, *args, **kwargs), bias, [self._adapter(a) for a in active],
-                                  self.training, base_of)
+        base = self.base_layer
+        return functional.rescale(x, base(x, *args, **kwargs), base.bias, [self._adapter(a) for a in active],
+                                  self.training, functional.layer_product(base))

@@ -1,14 +1,17 @@
-// The CUDA kernels (csrc/cuda/kernels.cuh) compiled as host C++ over the CPU emulation (csrc/cuda/emulation.h), plus
-// the emulation's controls, for the test-only library `dora_ext_emu` (built by tests/test_cuda_emulation.py with the
-// host ops and schemas of the real extension: every op there runs the CUDA kernels' own code on CPU tensors).
-// fma_variant.cpp compiles this file again, with contraction on, as `dora_ext_emu_fma`.
+// The CUDA kernels (csrc/cuda/kernels.cuh) compiled as host C++ over the CPU emulation (include/emulation.h, whose
+// macros include/emulated_compat.h gives kernels.cuh in place of compat.h's CUDA ones), plus the emulation's
+// controls, for the test-only library `dora_ext_emu` (built by tests/test_cuda_emulation.py with the host ops and
+// schemas of the real extension, include/emulated_ops.h force-included: every op there runs the CUDA kernels' own
+// code on CPU tensors). fma_variant.cpp compiles this file again, with contraction on, as `dora_ext_emu_fma`.
+#include "include/emulated_compat.h"
+// after the emulation's macros: compat.h refuses DORA_EXT_EMULATE_CUDA without them
 #include "../../csrc/cuda/kernels.cuh"
 
 #include <ATen/ops/ones.h>
 #include <torch/library.h>
 
-#include "../../csrc/cuda/nan_fill.h"
 #include "../../csrc/op_namespace.h"
+#include "include/nan_fill.h"
 
 namespace {
 const bool kInstalled = (dora_ext::emu::install_nan_fill_allocator(), true);

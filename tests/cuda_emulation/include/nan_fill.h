@@ -168,7 +168,7 @@ class GuardedArguments {
 };
 
 // NanFilled<decltype(&op), &op>::call: op, with fresh memory guarded and NaN-filled and its tensor arguments guarded
-// copies for its duration (op_namespace.h).
+// copies for its duration (emulated_ops.h: DORA_EXT_IMPL).
 template <typename F, F f>
 struct NanFilled;
 

@@ -26,7 +26,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "../quantized_weights.h"
+#include "../../../csrc/quantized_weights.h"
 #include "guarded_memory.h"
 
 #define __global__
@@ -58,8 +58,8 @@ constexpr std::size_t kMaxStaticShared = 48 * 1024;
 constexpr int64_t kCudaMaxGridYZ = 65535;
 
 // The largest grid y and z the launches accept, CUDA's 65535 unless a test lowers it (set_max_grid_yz): the
-// launchers clamp to it (compat.h: DORA_MAX_GRID_Y), so a few hundred rows exercise the clamps and the grid-stride
-// loops behind them, which at CUDA's limit would need 2^18 rows and 2^24 emulated threads.
+// launchers clamp to it (emulated_compat.h: DORA_MAX_GRID_Y), so a few hundred rows exercise the clamps and the
+// grid-stride loops behind them, which at CUDA's limit would need 2^18 rows and 2^24 emulated threads.
 inline int64_t& max_grid_yz() {
     static int64_t limit = kCudaMaxGridYZ;
     return limit;

@@ -162,7 +162,7 @@ inline std::string where_in(const Region& g, const void* p) {
 }
 
 // The function at address fn, by name, without its parameter list (it must have external linkage: the kernels do in
-// this build, compat.h).
+// this build, emulated_compat.h).
 inline std::string symbol_name(const void* fn) {
     Dl_info info{};
     if (dladdr(fn, &info) == 0 || info.dli_sname == nullptr || info.dli_saddr != fn) return "an unnamed function";
