@@ -152,6 +152,16 @@ def test_mixed_batch_equals_each_adapter_alone(dtype):
             assert torch.equal(model(input_ids=ids).logits, mixed)
 
 
+def generate_alone(model, name, ids, kw):
+    """model.generate(ids) with only adapter `name` active ("__base__": adapters disabled): a mixed row's oracle."""
+    if name == "__base__":
+        with torch.no_grad(), dora_ext.disable_adapters(model):
+            return model.generate(ids, **kw)
+    dora_ext.set_adapter(model, name)
+    with torch.no_grad():
+        return model.generate(ids, **kw)
+
+
 def test_generate_with_mixed_adapters_gives_each_row_its_adapter_tokens():
     model = served_model()
     names = ["chat", "__base__", "edora", "lora"]
@@ -160,14 +170,7 @@ def test_generate_with_mixed_adapters_gives_each_row_its_adapter_tokens():
     with torch.no_grad(), dora_ext.mixed_adapters(model, names):
         mixed = model.generate(ids, **kw)
     for i, name in enumerate(names):
-        if name == "__base__":
-            with torch.no_grad(), dora_ext.disable_adapters(model):
-                alone = model.generate(ids[i:i + 1], **kw)
-        else:
-            dora_ext.set_adapter(model, name)
-            with torch.no_grad():
-                alone = model.generate(ids[i:i + 1], **kw)
-        assert torch.equal(mixed[i:i + 1], alone), name
+        assert torch.equal(mixed[i:i + 1], generate_alone(model, name, ids[i:i + 1], kw)), name
 
 
 def test_beam_search_inside_mixed_adapters_gives_each_prompt_its_adapter():
@@ -181,14 +184,7 @@ def test_beam_search_inside_mixed_adapters_gives_each_prompt_its_adapter():
             mixed = model.generate(ids, **kw)
         assert mixed.shape[0] == k * len(names)
         for i, name in enumerate(names):
-            if name == "__base__":
-                with torch.no_grad(), dora_ext.disable_adapters(model):
-                    alone = model.generate(ids[i:i + 1], **kw)
-            else:
-                dora_ext.set_adapter(model, name)
-                with torch.no_grad():
-                    alone = model.generate(ids[i:i + 1], **kw)
-            assert torch.equal(mixed[k * i:k * (i + 1)], alone), (kw, name)
+            assert torch.equal(mixed[k * i:k * (i + 1)], generate_alone(model, name, ids[i:i + 1], kw)), (kw, name)
     assert "generate" not in vars(model)  # the block's wrapper is gone
     # outside generate a batch that does not match the names is still an error, with what to do
     with pytest.raises(ValueError, match=r"got 4 names for a batch of 8 \(generate\(\) with num_beams"):
