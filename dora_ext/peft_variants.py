@@ -10,9 +10,9 @@ forward and from `_mixed_batch_forward` alike.
 The variants here subclass PEFT's DoRA variants and replace `forward` and the merge (`merge_safe`, `merge_unsafe`,
 `unmerge`): the same parameters, the same `lora_magnitude_vector` modules, PEFT's init; the merge is dora_ext's own
 layers' one (layer_state.MergeLedger: in place, no dense ΔW, rows of zero gain restored exactly on unmerge) under
-PEFT's layer-level merge (its warnings, NaN check, bias); the per-step work is fused: the weight norm is `ops.weight_norm` (one streaming pass over W, no [out, in] ΔW and no
-copy of W, which is what makes PEFT's DoRA slow and large), and for Linear/Conv1D the whole DoRA update of
-`result` is one op (`ops.dora_rescale`: one elementwise pass forward, one fused reduction backward). Because the
+PEFT's layer-level merge (its warnings, NaN check, bias); the per-step work is fused: the weight norm is
+`ops.weight_norm` (one streaming pass over W, no [out, in] ΔW and no copy of W, which is what makes PEFT's DoRA slow
+and large), and for Linear/Conv1D the whole DoRA update of `result` is one op (`ops.dora_rescale`: one elementwise pass forward, one fused reduction backward). Because the
 layers stay PEFT's, every PeftModel method (add/load/set/delete adapters, merging, saving, `adapter_names`
 batches, FSDP wrapping) sees exactly the objects it expects.
 
@@ -32,7 +32,7 @@ import sys
 import torch
 from torch import Tensor, nn
 
-from . import functional, ops, quantized
+from . import functional, quantized
 from .activation_policy import DEFAULT_MODE
 from .layer_state import MergeLedger, adapter_norm
 from .peft_private import peft_modules
@@ -134,7 +134,7 @@ def merge_fused(module: nn.Module, adapter: str, weight: Tensor, views, safe_mer
     scaling = module.scaling[adapter]
     replayed = bool(module.merged_adapters)
     with _unmerged_weight(module, weight, safe_merge) as base:
-        norm = ops.weight_norm(*views(module, adapter, base), scaling)
+        norm = functional.weight_norm(*views(module, adapter, base), scaling)  # the forward's norm
     base_weight = module.get_base_layer().weight
     if replayed and weight is not base_weight:
         from peft.utils.integrations import dequantize_module_weight  # peft is optional: dora_ext imports without
