@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops, quantized
+from . import ops, quantized, tensor_parallel
 from .numerics import NORM_EPS
 
 __all__ = ["Adapter", "weight_norm", "norm_key", "init_magnitude", "layer_product", "linear", "rescale",
@@ -41,7 +41,8 @@ class Adapter(NamedTuple):
     """One adapter's tensors as a layer holds them. magnitude None: plain LoRA. norm: ‖W + s·B·A‖_row (weight_norm,
     cached or not), which the one-adapter forms need; None only for `linear`, which then computes it. dropout: the
     p to apply in training. activation_memory: the fused ops' mode for this adapter (dora_ext.activation_policy),
-    None for the context's."""
+    None for the context's. dropout_fn: (x, p) ↦ dropped x where F.dropout's own mask would be wrong (a
+    row-parallel layer's input slice takes its slice of the full input's mask: tensor_parallel.sliced_dropout)."""
     lora_A: Tensor
     lora_B: Tensor
     magnitude: Tensor | None
@@ -49,13 +50,17 @@ class Adapter(NamedTuple):
     dropout: float
     norm: Tensor | None = None
     activation_memory: str | None = None
+    dropout_fn: Callable[[Tensor, float], Tensor] | None = None
 
 
 # ------------------------------------------------------------------------------------------ norm and magnitude
 def weight_norm(base: Tensor | nn.Module, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
     """‖W + s·B·A‖ per output row, fused (never the [out, in] sum), float32 (float64 for float64 inputs). base: the
     dense [out, in] weight (a view of the layer's), or a bitsandbytes layer, read from its packed weight
-    (dora_ext.quantized). lora_A [r, in], lora_B [out, r]."""
+    (dora_ext.quantized). lora_A [r, in], lora_B [out, r]. A base weight sharded by tensor parallelism (a DTensor):
+    the norm of the full rows on every rank (tensor_parallel.weight_norm)."""
+    if tensor_parallel.is_sharded(base):
+        return tensor_parallel.weight_norm(base, lora_A, lora_B, scaling, ops.weight_norm, "dora_ext.weight_norm")
     if isinstance(base, Tensor):
         return ops.weight_norm(base, lora_A, lora_B, scaling)
     return quantized.weight_norm(base, lora_A, lora_B, scaling)
@@ -80,7 +85,9 @@ def _gain(a: Adapter) -> Tensor:
 
 
 def _dropped(x: Tensor, a: Adapter, training: bool) -> Tensor | None:
-    return F.dropout(x, a.dropout, training=True) if training and a.dropout > 0 else None
+    if not (training and a.dropout > 0):
+        return None
+    return F.dropout(x, a.dropout, training=True) if a.dropout_fn is None else a.dropout_fn(x, a.dropout)
 
 
 def _lora_input(x: Tensor, a: Adapter, training: bool) -> tuple[Tensor, Tensor | None]:
@@ -104,7 +111,13 @@ def layer_product(layer: nn.Module) -> Callable[[Tensor], Tensor]:
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None, adapters: Sequence[Adapter], training: bool) -> Tensor:
     """Adapters over a frozen linear map. weight: [out, in] (a transposed view for fan_in_fan_out layers).
     A DoRA adapter first in line runs the fused op (base product included); every other adapter is rescale_one
-    over the running output. The output is cast back once, to the base output's dtype (PEFT's Linear)."""
+    over the running output. The output is cast back once, to the base output's dtype (PEFT's Linear).
+    A weight sharded by tensor parallelism (a DTensor): this same function over the rank-local tensors, with the
+    collectives tensor_parallel.linear adds (x and the result are then rank-local, as the TP styles have them)."""
+    if tensor_parallel.is_sharded(weight):
+        return tensor_parallel.linear(x, weight, bias, adapters, training, linear,
+                                      lambda a: weight_norm(weight, a.lora_A, a.lora_B, a.scaling),
+                                      "dora_ext.functional.linear")
     first, rest = adapters[0], adapters[1:]
     if first.magnitude is not None:
         result = ops.dora_linear(x, weight, bias, first.lora_A, first.lora_B, first.magnitude, first.scaling,

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import functional, ops, torch_private
+from . import functional, ops, tensor_parallel, torch_private
 
 __all__ = ["NormCache", "MergeLedger", "norm_caching", "caching_enabled", "cached_norm", "adapter_norm"]
 
@@ -87,7 +87,8 @@ def cached_norm(slots: dict, slot: str, key_tensors: Callable[[], Sequence[Tenso
         if slots:
             slots.clear()
         return compute()
-    tensors = key_tensors()
+    # a tensor-parallel DTensor: its rank-local shard (the wrapper has no storage of its own to key on)
+    tensors = [t.to_local() if tensor_parallel.is_sharded(t) else t for t in key_tensors()]
     if any(t.is_inference() for t in tensors):  # inference tensors have no version counter to key on
         return compute()
     key = tuple((torch_private.version(t), t.data_ptr(), t.dtype, t.device) for t in tensors) + (scaling,)
@@ -164,6 +165,8 @@ class MergeLedger:
                scaling: float, record: bool = True) -> None:
         """w2d ← g ⊙ (w2d + s·B·A) in place (magnitude None: plain LoRA, g = 1); with record, remembers what
         unmerge_ needs."""
+        if tensor_parallel.is_sharded(w2d):  # tensor parallel: the local slice, with the full rows' gains
+            w2d, A, B, magnitude, norm = tensor_parallel.merge_args(w2d, A, B, magnitude, norm, "dora_ext merge")
         magnitude = norm if magnitude is None else magnitude.reshape(-1)
         zero = (magnitude == 0).nonzero().flatten()
         if record:
@@ -175,6 +178,8 @@ class MergeLedger:
                  forget: bool = True) -> None:
         """Undo merge_ of adapter `name` in place with the norm kept at merge time; forget=False keeps the record
         (to rebuild an unmerged copy of the weight)."""
+        if tensor_parallel.is_sharded(w2d):  # the norm and rows kept at merge time are local already
+            w2d, A, B, magnitude, _ = tensor_parallel.merge_args(w2d, A, B, magnitude, None, "dora_ext unmerge")
         norm, zero, saved = self._records.pop(name) if forget else self._records[name]
         # a model moved (.to) between merge and unmerge: the record follows the weight
         norm, zero = norm.to(w2d.device), zero.to(w2d.device)

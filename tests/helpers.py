@@ -91,14 +91,15 @@ def assert_close_normwise(actual, expected, rtol, msg=""):
     assert err <= rtol * ref, f"{msg}: ‖difference‖ {err:.3g} > {rtol:g} × ‖expected‖ {ref:.3g}"
 
 
-def assert_error_within(actual, baseline, oracle, factor=2.0, msg=""):
-    """‖actual − oracle‖ ≤ factor·‖baseline − oracle‖ + 8u·‖oracle‖ (norm-wise, u = fp32 unit roundoff): our error
-    against a float64 oracle is at most `factor` times the error of an independent implementation (PEFT) computing
-    the same thing in the same dtype. For results that pass through a deep fp32 model the shared forward dominates
-    both errors, which no fixed tolerance can know."""
+def assert_error_within(actual, baseline, oracle, factor=2.0, msg="", eps=torch.finfo(torch.float32).eps):
+    """‖actual − oracle‖ ≤ factor·‖baseline − oracle‖ + 8u·‖oracle‖ (norm-wise, u = eps/2: the unit roundoff of the
+    compute dtype, fp32 unless `eps` says otherwise): our error against a float64 oracle is at most `factor` times
+    the error of an independent implementation (PEFT, or one process) computing the same thing in the same dtype.
+    For results that pass through a deep model the shared forward dominates both errors, which no fixed tolerance
+    can know."""
     o = oracle.detach().double()
     ours, theirs = (actual.detach().double() - o).norm().item(), (baseline.detach().double() - o).norm().item()
-    floor = 8 * torch.finfo(torch.float32).eps / 2 * o.norm().item()
+    floor = 8 * eps / 2 * o.norm().item()
     assert ours <= factor * theirs + floor, f"{msg}: error {ours:.3g} > {factor} × baseline error {theirs:.3g} + {floor:.3g}"
 
 

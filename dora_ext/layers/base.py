@@ -11,7 +11,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from .. import functional, mixed_batch
+from .. import functional, mixed_batch, tensor_parallel
 from ..activation_policy import DEFAULT_MODE, check_mode
 from ..config import check_alpha, check_dropout, check_rank
 from ..layer_state import MergeLedger, NormCache
@@ -98,6 +98,27 @@ class DoRALayer(nn.Module):
     def factor_tensors(self, name: str) -> tuple[Tensor, Tensor]:
         """The stored (A, B) parameters of adapter `name`, as the variant initialises them."""
         raise NotImplementedError
+
+    def tp_layout(self, what: str, variant: Variant | None = None) -> tensor_parallel.Layout | None:
+        """The tensor-parallel layout of the base weight (dora_ext.tensor_parallel), None when it is not a DTensor.
+        Only the linear kind runs sharded; any other kind, or a variant with its own trainable tensors (EDoRA's R,
+        the dynamic-rank gates), on a sharded weight is refused by name rather than normed over a slice."""
+        if not tensor_parallel.is_sharded(self.weight):
+            return None
+        if not self.tensor_parallel_variants or (variant is not None and
+                                                 type(variant) not in self.tensor_parallel_variants):
+            kind = variant.label() if variant is not None else type(self).__name__
+            raise ValueError(f"{what}: the base weight is sharded by tensor parallelism (placements "
+                             f"{tuple(self.weight.placements)}); dora_ext runs DoRA and LoRA on sharded nn.Linear "
+                             f"layers only, not {kind} on a {type(self.base_layer).__name__}")
+        return tensor_parallel.layout_of(self.weight_2d(), what)
+
+    def _shard_factors(self, name: str, layout: tensor_parallel.Layout) -> None:
+        """Replace adapter `name`'s whole (A, B) by DTensors split like the base weight (tensor_parallel)."""
+        raise NotImplementedError
+
+    #: variant classes a kind runs on a tensor-parallel (DTensor) base weight; none unless the kind says
+    tensor_parallel_variants: tuple[type[Variant], ...] = ()
 
     #: variant classes this layer type implements (DoRA only, unless a kind says more)
     supported_variants: tuple[type[Variant], ...] = (DoRA,)
@@ -186,6 +207,7 @@ class DoRALayer(nn.Module):
         if self.merged:
             raise RuntimeError(f"{what}: unmerge() first; the base weight holds merged adapters")
         variant.check(r, self.in_features, self.out_features, what)
+        layout = self.tp_layout(what, variant)
         if adapter_dtype is None:
             adapter_dtype = self._default_adapter_dtype()
         factory = {"device": self.weight.device, "dtype": adapter_dtype}
@@ -201,6 +223,8 @@ class DoRALayer(nn.Module):
             self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
             with torch.no_grad():
                 self._init_adapter(name, sigma)
+                if layout is not None:  # tensor parallel: the adapter split like the base weight
+                    self._shard_factors(name, layout)
                 if self.has_magnitude(name):
                     m = functional.init_magnitude(self.weight_norm(name), self._magnitude_shape(), adapter_dtype)
                     self.lora_magnitude_vector[name] = Magnitude(nn.Parameter(m))

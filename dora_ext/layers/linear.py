@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .. import functional, mixed_batch
+from .. import functional, mixed_batch, tensor_parallel
 from ..variants import DoRA, DynamicDoRA, DynamicLoRA, EDoRA, LoRA
 from .base import DoRALayer, conv1d_type
 
@@ -74,9 +74,24 @@ class Linear(DoRALayer):
         self.r[name] = int(keep.numel())
         self.clear_cache()
 
+    tensor_parallel_variants = (DoRA, LoRA)
+
+    def _shard_factors(self, name, layout):
+        A, B = self.factor_tensors(name)
+        sharded = tensor_parallel.shard_like_base(layout, {"A": A, "B": B})
+        self.lora_A[name].weight = nn.Parameter(sharded["A"], requires_grad=A.requires_grad)
+        self.lora_B[name].weight = nn.Parameter(sharded["B"], requires_grad=B.requires_grad)
+
     def _adapted_forward(self, x: Tensor, active: list[str], *args, **kwargs) -> Tensor:
-        return functional.linear(x, self.weight_2d(), self.base_layer.bias, [self._adapter(a) for a in active],
-                                 self.training)
+        adapters = [self._adapter(a) for a in active]
+        layout = self.tp_layout(f"dora_ext.{type(self).__name__}")
+        if layout is None:
+            return functional.linear(x, self.weight_2d(), self.base_layer.bias, adapters, self.training)
+        # sharded: take and return what the sharded base layer does (its TP hooks), compute on local tensors
+        return tensor_parallel.run_with_base_hooks(
+            self.base_layer, x, layout,
+            lambda x_local: functional.linear(x_local, self.weight_2d(), self.base_layer.bias, adapters,
+                                              self.training))
 
     def _mixed_forward(self, x: Tensor, names: list[str], *args, **kwargs) -> Tensor:
         mixed_batch.check_names(names, x.shape[0], f"dora_ext.{type(self).__name__}")
