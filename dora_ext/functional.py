@@ -42,7 +42,9 @@ class Adapter(NamedTuple):
     cached or not), which the one-adapter forms need; None only for `linear`, which then computes it. dropout: the
     p to apply in training. activation_memory: the fused ops' mode for this adapter (dora_ext.activation_policy),
     None for the context's. dropout_fn: (x, p) ↦ dropped x where F.dropout's own mask would be wrong (a
-    row-parallel layer's input slice takes its slice of the full input's mask: tensor_parallel.sliced_dropout)."""
+    row-parallel layer's input slice takes its slice of the full input's mask: tensor_parallel.sliced_dropout).
+    reduce: for rescale_one on a row-parallel layer's input slice, the sum over the shards of a rank's partial
+    product (x_d·Wᵀ, x·Aᵀ), after which the update is computed alike on every rank."""
     lora_A: Tensor
     lora_B: Tensor
     magnitude: Tensor | None
@@ -51,6 +53,7 @@ class Adapter(NamedTuple):
     norm: Tensor | None = None
     activation_memory: str | None = None
     dropout_fn: Callable[[Tensor, float], Tensor] | None = None
+    reduce: Callable[[Tensor], Tensor] | None = None
 
 
 # ------------------------------------------------------------------------------------------ norm and magnitude
@@ -154,13 +157,17 @@ def rescale_one(x: Tensor, result: Tensor, a: Adapter, bias: Tensor | None, trai
     base layer's own product (layer_product). first: no adapter came before, so result − bias is x Wᵀ; without
     dropout and bias the magnitude gradient then comes from the output (no [T, out] kept) and backward recomputes
     acc from x where it must (ops.dora_rescale). Returns promote(result dtype, adapter dtype)."""
+    if tensor_parallel.is_sharded(weight):
+        return tensor_parallel.rescale_one(x, result, a, bias, training, weight, first, rescale_one,
+                                           "dora_ext.functional.rescale_one")
+    reduce = a.reduce or (lambda t: t)
     xa, x_drop = _lora_input(x, a, training)
-    u = F.linear(xa if x_drop is None else x_drop, a.lora_A)
+    u = reduce(F.linear(xa if x_drop is None else x_drop, a.lora_A))
     if a.magnitude is None:  # plain LoRA
         return result + F.linear(u, a.lora_B) * a.scaling
     dtype = torch.promote_types(result.dtype, a.lora_A.dtype)
     if x_drop is not None:
-        base = F.linear(x_drop, weight.to(x_drop.dtype)) if weight is not None else base_of(x_drop)
+        base = reduce(F.linear(x_drop, weight.to(x_drop.dtype)) if weight is not None else base_of(x_drop))
         kept = {"base": base.to(dtype)}
     elif bias is not None:
         kept = {"bias": bias.to(dtype)}

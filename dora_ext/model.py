@@ -14,6 +14,8 @@ import warnings
 
 from torch import nn
 
+from . import tensor_parallel
+
 from .config import DoRAConfig
 from .layers import DoRALayer, Linear, conv1d_type, layer_class_for
 from .model_state import AdapterConfigs, ModelChange, adapter_root, dora_layers, refuse_peft_layers
@@ -73,6 +75,8 @@ def target_plan(model: nn.Module, config: DoRAConfig) -> tuple[DoRAConfig, dict[
             raise ValueError(f"dora_ext.inject: target module {name!r} is a {type(mod).__name__}, which supports "
                              f"variants {[c.label() for c in cls.supported_variants]}; got variant="
                              f"{config.variant!r}, dynamic_rank={config.dynamic_rank}")
+        tensor_parallel.check_target(mod.weight, type(config.variant_object()) in cls.tensor_parallel_variants,
+                                     f"dora_ext.inject: target module {name!r}")
         plan[name] = mod
     if not plan:
         raise ValueError(f"dora_ext.inject: target_modules={config.target_modules!r} matched no module of the model "

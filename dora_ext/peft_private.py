@@ -51,7 +51,7 @@ def peft_modules():
         from peft.tuners.lora import layer as lora_layer
         from peft.tuners.lora import variants as lora_variants
     except ImportError as exc:
-        raise ImportError("dora_ext: the PEFT integration needs peft installed (pip install 'peft==0.21.0')") from exc
+        raise ImportError("dora_ext: the PEFT integration needs peft installed (pip install 'peft==0.21.2')") from exc
     from packaging.version import Version  # a dependency of peft's, so only needed with it
 
     low, high = PEFT_TESTED

@@ -32,7 +32,7 @@ import sys
 import torch
 from torch import Tensor, nn
 
-from . import functional, quantized
+from . import functional, quantized, tensor_parallel
 from .activation_policy import DEFAULT_MODE
 from .layer_state import MergeLedger, adapter_norm
 from .peft_private import peft_modules
@@ -217,8 +217,26 @@ def fused_variant_classes():
         def init(cls, module, adapter_name, **kwargs):
             base_layer = module.get_base_layer()
             quantized.kind(base_layer)  # refuses quantized layers it cannot read (HQQ, GPTQ, torchao, ...) first
+            if tensor_parallel.is_sharded(base_layer.weight):
+                return cls._init_sharded(module, adapter_name, base_layer)
             pv.DoraLinearVariant.init(module, adapter_name, **kwargs)
             _set_magnitude(module, adapter_name, *cls._norm_args(module, adapter_name, base_layer))
+
+        @classmethod
+        def _init_sharded(cls, module, adapter, base_layer):
+            """PEFT's DoRA init on a tensor-parallel base (a DTensor weight, where PEFT's own norm fails mixing
+            tensors): the factors made whole on every rank (tensor_parallel.whole_factors), the magnitude the
+            full rows' norm, whole too, in PEFT's DoraLinearLayer."""
+            w2d = cls._merge_views(module, adapter, base_layer.weight)[0]
+            tensor_parallel.whole_factors(module.lora_A[adapter], module.lora_B[adapter], w2d,
+                                          f"dora_ext: PEFT layer adapter {adapter!r}")
+            if not module.lora_magnitude_vector:  # as PEFT's init: the magnitude becomes an adapter tensor
+                module.adapter_layer_names = module.adapter_layer_names[:] + ("lora_magnitude_vector",)
+            A, B = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+            norm = functional.weight_norm(w2d, A, B, module.scaling[adapter]).full_tensor()
+            dora_layer = pv.DoraLinearLayer(fan_in_fan_out=getattr(module, "fan_in_fan_out", False))
+            dora_layer.weight = nn.Parameter(functional.init_magnitude(norm, norm.shape, A.dtype))
+            module.lora_magnitude_vector[adapter] = dora_layer
 
         @classmethod
         def _norm_args(cls, module, adapter, base_layer):

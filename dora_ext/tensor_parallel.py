@@ -41,8 +41,8 @@ try:  # torch.distributed.tensor is absent from builds without distributed suppo
 except ImportError:  # pragma: no cover - such builds cannot shard a layer either
     DTensor = None
 
-__all__ = ["Layout", "is_sharded", "layout_of", "local", "shard_like_base", "weight_norm", "linear", "merge_args",
-           "run_with_base_hooks", "COLWISE", "ROWWISE"]
+__all__ = ["Layout", "is_sharded", "layout_of", "check_target", "local", "shard_like_base", "weight_norm", "linear", "rescale_one",
+           "merge_args", "run_with_base_hooks", "whole_factors", "COLWISE", "ROWWISE"]
 
 COLWISE, ROWWISE = "colwise", "rowwise"
 
@@ -89,6 +89,17 @@ def layout_of(weight_2d: Tensor, where: str) -> Layout | None:
                      f"{mesh.mesh.tolist()}; dora_ext's tensor parallelism takes a 1-D TP mesh with the [out, in] "
                      "weight as Shard(0) (ColwiseParallel) or Shard(1) (RowwiseParallel). Apply FSDP2 on another "
                      "mesh dim (fully_shard after parallelize_module), or leave this layer unsharded")
+
+
+def check_target(weight: Tensor, supported: bool, where: str) -> None:
+    """Refuse, before anything changes, a target whose base weight is sharded in a way dora_ext cannot make exact
+    (layout_of), or whose layer kind / variant does not run sharded (supported=False), naming `where`."""
+    if not is_sharded(weight):
+        return
+    if not supported:
+        raise ValueError(f"{where}: its weight is sharded by tensor parallelism (placements "
+                         f"{tuple(weight.placements)}); dora_ext runs DoRA and LoRA on sharded nn.Linear layers only")
+    layout_of(weight, where)
 
 
 def _world(layout: Layout) -> tuple[int, int]:
@@ -158,6 +169,30 @@ def shard_like_base(layout: Layout, tensors: dict[str, Tensor]) -> dict[str, Ten
             for role, t in tensors.items()}
 
 
+@torch.no_grad()
+def whole_factors(lora_A: nn.Linear, lora_B: nn.Linear, weight_2d: Tensor, where: str) -> None:
+    """Make a PEFT layer's factors whole and equal on every rank, in place: PEFT (before its TP support) sizes
+    them from the local shard of a sharded base ([out/tp, r] lora_B column-parallel, [r, in/tp] lora_A
+    row-parallel), drawn independently per rank. A local-sized factor is gathered to its whole shape; every factor
+    is then broadcast from the mesh's first rank. Whole adapters are what PEFT saves and loads."""
+    layout = layout_of(weight_2d, where)
+    out_f, in_f = weight_2d.shape
+    src = dist.get_global_rank(layout.group, 0)
+    for module, dim, size in ((lora_A, 1, in_f), (lora_B, 0, out_f)):
+        w = module.weight
+        if is_sharded(w):
+            w = w.full_tensor()
+        elif w.shape[dim] != size:  # the local slice PEFT sized from the shard: gather the slices
+            shape = list(w.shape)
+            shape[dim] = size
+            w = DTensor.from_local(w.detach(), layout.mesh, [Shard(dim)], run_check=False, shape=torch.Size(shape),
+                                   stride=torch.empty(shape, device="meta").stride()).full_tensor()
+        w = w.detach().clone().contiguous()
+        dist.broadcast(w, src=src, group=layout.group)
+        module.weight = nn.Parameter(w, requires_grad=module.weight.requires_grad)
+        module.in_features, module.out_features = w.shape[1], w.shape[0]
+
+
 # --------------------------------------------------------------------------------------------------- the norm
 def weight_norm(weight_2d: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
                 local_norm: Callable[[Tensor, Tensor, Tensor, float], Tensor], where: str) -> Tensor:
@@ -223,6 +258,38 @@ def linear(x: Tensor, weight_2d: Tensor, bias: Tensor | None, adapters: Sequence
     if bias is None:
         return y
     return y + (bias.to_local() if is_sharded(bias) else bias).to(y.dtype)  # after the sum: every rank alike
+
+
+def rescale_one(x: Tensor, result: Tensor, a, bias: Tensor | None, training: bool, weight_2d: Tensor, first: bool,
+                local_rescale: Callable, where: str) -> Tensor:
+    """One adapter's update of a sharded layer's output computed elsewhere (PEFT's layer: `result` is the sharded
+    base layer's own output, as its TP forward returns it), on rank-local tensors:
+
+    * column-parallel: result holds this rank's columns; the update of those columns is local (as `linear`).
+    * row-parallel: result is whole (summed, bias added) on every rank, so the update is computed alike on every
+      rank from the whole x·Aᵀ: one all-reduce of the rank's partial [.., r] product (and, with dropout, of its
+      partial W·x_dᵀ [.., out], PEFT's additive form). lora_B and the magnitude then enter a computation every rank
+      repeats, so they keep their own gradients; x's slice and lora_A's slice get local, exact ones.
+
+    The adapter's tensors may be DTensors or whole plain tensors (PEFT keeps its adapters whole on every rank;
+    `local` slices them and sums their gradients)."""
+    layout = layout_of(weight_2d, where)
+    dims = layout.shard_dims()
+    w = weight_2d.to_local()
+    if layout.style == COLWISE:
+        la = _localize(layout, a.lora_A, a.lora_B, a.magnitude, a.norm)
+        x = _GradAllReduce.apply(x, layout.group) if x.requires_grad and torch.is_grad_enabled() else x
+        local_a = a._replace(lora_A=la.A, lora_B=la.B, magnitude=la.magnitude, norm=la.norm)
+        return local_rescale(x, result, local_a, local(bias, layout, 0), training, weight=w, first=first)
+
+    def whole(t):  # used alike on every rank after the reduction: its own gradient
+        return t.redistribute(t.device_mesh, [Replicate()]).to_local() if is_sharded(t) else t
+
+    local_a = a._replace(lora_A=local(a.lora_A, layout, dims["A"]), lora_B=whole(a.lora_B),
+                         magnitude=whole(a.magnitude), norm=None if a.norm is None else whole(a.norm).detach(),
+                         reduce=lambda t: _AllReduceSum.apply(t, layout.group),
+                         dropout_fn=sliced_dropout(layout, weight_2d.shape[1]))
+    return local_rescale(x, result, local_a, None if bias is None else whole(bias), training, weight=w, first=False)
 
 
 def run_with_base_hooks(base_layer: nn.Module, x: Tensor, layout: Layout, compute: Callable[[Tensor], Tensor]):

@@ -6,7 +6,7 @@
 # files, the ops script on the CPU), so a typo never costs device time (tests/test_gpu_check.py runs it that way).
 #
 #   stage 1  device.txt: nvidia-smi, driver, torch, CUDA, git sha
-#   stage 2  carried wheels (.whl/*.whl, pinned pure-Python packages such as peft==0.21.0) into /tmp/site
+#   stage 2  carried wheels (.whl/*.whl, pinned pure-Python packages such as peft==0.21.2) into /tmp/site
 #   stage 3  build in place: MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 DORA_EXT_CUDA=1
 #   stage 4  every CUDA test (-m cuda), -rfE, junit XML, no -x
 #   stage 5  compute-sanitizer memcheck, then racecheck, on scripts/cuda_ops_once.py (every CUDA op once)

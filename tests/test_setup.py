@@ -120,6 +120,6 @@ def test_setup_builds_once_and_again_only_when_an_input_changes(checkout):
     assert len(_builds(calls)) == 1, calls
     # a changed dependency list (or Python) reinstalls the dependencies
     script = checkout / "scripts" / "setup.sh"
-    script.write_text(script.read_text().replace('"peft==0.21.0"', '"peft==0.21.0" "tqdm"'))
+    script.write_text(script.read_text().replace('"peft==0.21.2"', '"peft==0.21.2" "tqdm"'))
     calls, _ = _setup(checkout, DORA_EXT_CUDA="0", TORCH_CUDA_ARCH_LIST="9.0")
     assert any("tqdm" in c for c in calls) and _builds(calls) == [], calls
