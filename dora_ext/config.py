@@ -12,9 +12,13 @@ from torch import nn
 import torch
 
 from .activation_policy import check_mode
-from .variants import KINDS, Variant, variant_for
+from .variants import DoRA, KINDS, Variant, variant_for
 
-__all__ = ["DoRAConfig", "ALL_LINEAR", "VARIANTS", "EDORA_PEFT_TYPE"]
+__all__ = ["DoRAConfig", "ALL_LINEAR", "VARIANTS", "EDORA_PEFT_TYPE", "NORM_AXES", "check_norm_axis"]
+
+#: where a DoRA adapter takes its norm of W + s·B·A: "out", one norm and gain per output row (PEFT's DoRA, the
+#: paper's); "in", one per input column (a convolution: per input channel), LyCORIS's `wd_on_out=False`
+NORM_AXES = ("out", "in")
 
 #: "dora" (Liu et al. 2024, PEFT's use_dora), "lora" (plain LoRA; with dynamic_rank), "edora" (Nasiri & Garraghan)
 VARIANTS = KINDS
@@ -78,6 +82,10 @@ class DoRAConfig:
     "fast" (LoRA's step time; one [T, out] per layer more than LoRA where the output dies in the forward),
     "balanced", "min_memory" (LoRA's memory, a recompute in backward) or "acc"; None: the context's mode
     (`with dora_ext.ops.activation_memory(mode):`). All give the same gradients (dora_ext.activation_policy).
+    norm_axis: "out" (PEFT's DoRA: one norm and gain per output row) or "in" (LyCORIS's wd_on_out=False: one per
+    input column, a convolution's per input channel; W_eff = (W + s·B·A)·diag(m / ‖W + s·B·A‖_col)). "in" needs
+    variant "dora" without dynamic rank and dropout 0 (LyCORIS ignores dropout on its DoRA path), targets nn.Linear,
+    transformers Conv1D and nn.Conv1d/2d/3d with groups=1, and is not a PEFT adapter: save_adapter refuses it.
 
     The family (Linear/Conv1D targets only, except plain "dora"): variant="edora" (frozen SVD factors, trainable
     r×r R initialised N(0, edora_sigma²), and the magnitude); variant="lora" (no magnitude); dynamic_rank=True
@@ -101,6 +109,7 @@ class DoRAConfig:
     dynamic_rank: bool = False
     edora_sigma: float = 1e-5
     activation_memory: str | None = "fast"
+    norm_axis: str = "out"
     # PEFT's LoraConfig names, accepted so a PEFT user's keyword arguments work unchanged
     lora_alpha: dataclasses.InitVar[float | None] = None
     lora_dropout: dataclasses.InitVar[float | None] = None
@@ -116,6 +125,7 @@ class DoRAConfig:
         check_rank(self.r, "DoRAConfig", "r")
         check_alpha(self.alpha, "DoRAConfig")
         check_dropout(self.dropout, "DoRAConfig")
+        check_norm_axis(self.norm_axis, self.variant_object(), self.dropout, "DoRAConfig")
         _check(self.target_modules is not None, "expected target_modules (module names, suffixes, a regex or "
                f"{ALL_LINEAR!r}), got None")
         for name in ("target_modules", "exclude_modules"):
@@ -225,6 +235,9 @@ class DoRAConfig:
         """The adapter_config.json PEFT's LoraConfig.from_pretrained reads: peft_type LORA with use_dora true (DoRA)
         or false (LoRA). EDoRA has no PEFT equivalent: its peft_type is "DORA_EXT", which PEFT refuses by name
         instead of silently dropping R (export it with save_adapter(..., as_dora=True) for PEFT)."""
+        if self.norm_axis != "out":
+            raise ValueError(f"DoRAConfig.to_peft_dict: norm_axis={self.norm_axis!r} has no PEFT adapter_config.json "
+                             "(PEFT's DoRA norm is per output row; a PEFT loader would apply it wrongly)")
         extra = {}
         if self.variant == "edora":
             extra = {"dora_ext_variant": "edora", "edora_sigma": self.edora_sigma}
@@ -307,6 +320,20 @@ def check_alpha(alpha, where: str, what: str = "alpha") -> None:
 def check_dropout(dropout, where: str) -> None:
     if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
         raise ValueError(f"{where}: expected dropout in [0, 1), got {dropout!r}")
+
+
+def check_norm_axis(axis, variant: Variant, dropout: float, where: str) -> None:
+    """norm_axis is one of NORM_AXES; "in" exists for DoRA only (EDoRA's, dynamic rank's and LoRA's math is per
+    output row or has no norm) and without dropout: LyCORIS, whose adapters these are, ignores dropout on its DoRA
+    path, and dora_ext refuses rather than ignore a setting silently."""
+    if axis not in NORM_AXES:
+        raise ValueError(f"{where}: expected norm_axis in {NORM_AXES}, got {axis!r}")
+    if axis == "in" and type(variant) is not DoRA:
+        raise ValueError(f"{where}: norm_axis='in' (one gain per input column, LyCORIS's wd_on_out=False) exists "
+                         f"for variant 'dora' only, got {variant.label()}")
+    if axis == "in" and dropout:
+        raise ValueError(f"{where}: norm_axis='in' needs dropout=0 (LyCORIS ignores dropout on its DoRA path, so "
+                         f"there is no placement to follow), got dropout={dropout!r}")
 
 
 def _alias(value, peft_value, name: str, peft_name: str, default):

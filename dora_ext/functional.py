@@ -15,6 +15,13 @@ adapter's variant.forward updates the running result): in eval, or without dropo
 y = g₂ ⊙ (y₁ − b + s₂·B₂A₂x) + b; in training with dropout p > 0, additively, y = y₁ + (g₂−1) ⊙ W·x_d +
 g₂ ⊙ s₂·B₂A₂x_d. Embeddings compose multiplicatively always.
 
+Input-axis DoRA (norm_axis "in", LyCORIS's wd_on_out=False): g = m / ‖W + s·B·A‖_col, one gain per input column
+(a convolution: per input channel, the norm over (out, k…)), W_eff = (W + s·B·A)·diag(g). Since the gain scales
+inputs, y = W(g ⊙ x) + s·B·A(g ⊙ x) + b: LoRA over a channel-scaled input (`linear_in`, `conv_in`), no epilogue,
+autograd over the one elementwise product (the magnitude gets its gradient through g; the norm is detached, as
+for "out"). Its norm runs in the same fused row op over transposed views (`input_axis_blocks`, `input_norm`). An
+input-axis adapter is the only active (and the only merged) adapter of its layer: layers refuse mixing the axes.
+
 The dtype rule, PEFT's (peft/tuners/lora/layer.py, bnb.py): x is cast to the adapter's dtype, each adapter's update
 is computed in promote(result dtype, adapter dtype) and returned in it, and the layer casts its output back to the
 base output's dtype: once, after all adapters, for Linear, Conv1D, Conv and Embedding; after each adapter for
@@ -24,6 +31,7 @@ forms cast back as the matching PEFT layer does. Norms are clamped to numerics.N
 
 from __future__ import annotations
 
+import itertools
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -34,7 +42,8 @@ from . import ops, quantized, tensor_parallel
 from .numerics import NORM_EPS
 
 __all__ = ["Adapter", "weight_norm", "norm_key", "init_magnitude", "layer_product", "linear", "rescale",
-           "rescale_one", "ConvSpec", "conv_spec", "conv", "conv_one", "embedding", "embedding_one"]
+           "rescale_one", "ConvSpec", "conv_spec", "conv", "conv_one", "embedding", "embedding_one",
+           "input_axis_blocks", "input_norm", "linear_in", "conv_in"]
 
 
 class Adapter(NamedTuple):
@@ -44,7 +53,8 @@ class Adapter(NamedTuple):
     None for the context's. dropout_fn: (x, p) ↦ dropped x where F.dropout's own mask would be wrong (a
     row-parallel layer's input slice takes its slice of the full input's mask: tensor_parallel.sliced_dropout).
     reduce: for rescale_one on a row-parallel layer's input slice, the sum over the shards of a rank's partial
-    product (x_d·Wᵀ, x·Aᵀ), after which the update is computed alike on every rank."""
+    product (x_d·Wᵀ, x·Aᵀ), after which the update is computed alike on every rank.
+    norm_axis: "out" (gain per output row, PEFT) or "in" (gain per input column; norm: input_norm)."""
     lora_A: Tensor
     lora_B: Tensor
     magnitude: Tensor | None
@@ -54,6 +64,7 @@ class Adapter(NamedTuple):
     activation_memory: str | None = None
     dropout_fn: Callable[[Tensor, float], Tensor] | None = None
     reduce: Callable[[Tensor], Tensor] | None = None
+    norm_axis: str = "out"
 
 
 # ------------------------------------------------------------------------------------------ norm and magnitude
@@ -80,6 +91,33 @@ def init_magnitude(norm: Tensor, shape: Sequence[int], dtype: torch.dtype) -> Te
     forward computes (weight_norm), so an untrained adapter has g = 1 exactly and returns the base output bit for
     bit, as PEFT's own init does with its own norm."""
     return norm.detach().reshape(shape).to(dtype)
+
+
+def input_axis_blocks(weight: Tensor, lora_A: Tensor, lora_B: Tensor
+                      ) -> tuple[Tensor, Tensor, Tensor] | tuple[tuple[Tensor, ...], ...]:
+    """The operands (W, A, B) of the fused row ops (weight_norm, merge_, unmerge_) whose rows are the *input
+    columns* of W + s·B·A, as views of the given tensors (merging writes through them; nothing [out, in] is built):
+    (W + s·B·A)ᵀ = Wᵀ + s·Aᵀ·Bᵀ, so a linear weight [out, in] gives (Wᵀ, Bᵀ, Aᵀ). A convolution's weight
+    [out, C_in, k…] with lora_A [r, C_in, k…] gives one such triple per kernel tap t, as three tuples
+    ((W[:, :, t]ᵀ, …), (Bᵀ, …), (A[:, :, t]ᵀ, …)): a channel's norm over (out, k…) is the root of its taps' summed
+    squares and merging scales every tap's column by the same gain. lora_B: [out, r]."""
+    if weight.dim() == 2:
+        return weight.T, lora_B.T, lora_A.T
+    taps = [(slice(None), slice(None), *t) for t in itertools.product(*map(range, weight.shape[2:]))]
+    return tuple(weight[t].T for t in taps), (lora_B.T,) * len(taps), tuple(lora_A[t].T for t in taps)
+
+
+def input_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    """‖W + s·B·A‖ per input column (a convolution: per input channel, over (out, k…)) → [in], float32 (float64
+    for float64 inputs), detached: the fused row norm over input_axis_blocks' views, never the [out, in] sum.
+    For a k×k kernel that is k² fused passes over strided [C_in, out] views, summed in squares (non-negative
+    terms: no cancellation), chosen over a dense fp32 ΔW (LyCORIS's way) and over the factored
+    ‖W_c‖² + 2s⟨W_c, ΔW_c⟩ + s²‖ΔW_c‖², which loses every digit where W + s·ΔW nearly cancels (measured)."""
+    W, A, B = input_axis_blocks(weight, lora_A, lora_B)
+    if isinstance(W, Tensor):
+        return ops.weight_norm(W, A, B, scaling)
+    squares = [ops.weight_norm(w, a, b, scaling).square() for w, a, b in zip(W, A, B)]
+    return torch.stack(squares).sum(0).sqrt()
 
 
 def _gain(a: Adapter) -> Tensor:
@@ -117,6 +155,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, adapters: Sequence[Ad
     over the running output. The output is cast back once, to the base output's dtype (PEFT's Linear).
     A weight sharded by tensor parallelism (a DTensor): this same function over the rank-local tensors, with the
     collectives tensor_parallel.linear adds (x and the result are then rank-local, as the TP styles have them)."""
+    if adapters[0].norm_axis == "in":
+        return linear_in(x, weight, bias, _only(adapters, "dora_ext.functional.linear"))
     if tensor_parallel.is_sharded(weight):
         return tensor_parallel.linear(x, weight, bias, adapters, training, linear,
                                       lambda a: weight_norm(weight, a.lora_A, a.lora_B, a.scaling),
@@ -134,6 +174,45 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, adapters: Sequence[Ad
             a = a._replace(norm=weight_norm(weight, a.lora_A, a.lora_B, a.scaling))
         result = rescale_one(x, result, a, bias, training, weight=weight)
     return result.to(out_dtype)
+
+
+def _only(adapters: Sequence[Adapter], what: str) -> Adapter:
+    if len(adapters) != 1:
+        raise ValueError(f"{what}: an input-axis adapter (norm_axis='in') runs alone, got "
+                         f"{len(adapters)} active adapters with axes {[a.norm_axis for a in adapters]}")
+    return adapters[0]
+
+
+def _scaled_input(x: Tensor, a: Adapter, spatial: int) -> Tensor:
+    """g ⊙ x in the adapter's dtype, g per input feature (the last dim of x; `spatial` > 0: per channel, the dim
+    before the spatial ones, batched or not)."""
+    g = _gain(a).reshape((-1,) + (1,) * spatial)
+    return x.to(a.lora_A.dtype) * g
+
+
+def linear_in(x: Tensor, weight: Tensor, bias: Tensor | None, a: Adapter) -> Tensor:
+    """An input-axis DoRA adapter over a frozen linear map: y = W(g ⊙ x) + s·B·A(g ⊙ x) + b, g = m / ‖W + s·B·A‖_col
+    (a.norm: input_norm), i.e. x through W_eff = (W + s·B·A)·diag(g), LyCORIS's DoRA with wd_on_out=False at
+    multiplier 1. No dropout (LyCORIS ignores it on its DoRA path; layers refuse p > 0). Output in the base
+    product's dtype (x's, or the autocast dtype)."""
+    if a.norm is None:
+        a = a._replace(norm=input_norm(weight, a.lora_A, a.lora_B, a.scaling))
+    xg = _scaled_input(x, a, 0)
+    base = F.linear(xg.to(x.dtype), weight, bias)
+    lora = F.linear(F.linear(xg, a.lora_A), a.lora_B) * a.scaling
+    return (base + lora).to(base.dtype)
+
+
+def conv_in(x: Tensor, base: Callable[[Tensor], Tensor], a: Adapter, spec: "ConvSpec") -> Tensor:
+    """An input-axis DoRA adapter over a frozen conv: base(g ⊙ x) + s·B(A(g ⊙ x)), g per input channel
+    (norm over (out, k…): input_norm), = conv(x, W_eff) + b with W_eff = (W + s·B·A)·g[c] (zero padding, or any
+    per-channel padding mode of the base layer, commutes with a channel scale). base: the base layer itself
+    (bias and padding mode its own); lora_A / lora_B as in conv_one. No dropout, as linear_in."""
+    xg = _scaled_input(x, a, a.lora_A.dim() - 2)
+    result = base(xg.to(x.dtype))
+    u = spec.conv_fn(xg, a.lora_A, None, spec.stride, spec.padding)
+    lora = spec.conv_fn(u, a.lora_B, None, 1, 0, 1, spec.groups) * a.scaling
+    return (result + lora).to(result.dtype)
 
 
 def rescale(x: Tensor, result: Tensor, bias: Tensor | None, adapters: Sequence[Adapter], training: bool,

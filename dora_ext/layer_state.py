@@ -147,6 +147,14 @@ class NormCache:
         self._slots.clear()
 
 
+#: the weight operand of a merge: one [rows, cols] view, or a tuple of them sharing the rows' gains
+Rows = Tensor | tuple[Tensor, ...]
+
+
+def _blocks(w2d: Rows, A: Rows, B: Rows) -> list[tuple[Tensor, Tensor, Tensor]]:
+    return [(w2d, A, B)] if isinstance(w2d, Tensor) else list(zip(w2d, A, B))
+
+
 class MergeLedger:
     """What unmerging needs of each merged adapter: the norm of the unmerged weight (the gain g = m/n cannot be
     recovered from the merged one) and the rows a zero gain wiped, kept so unmerge restores them exactly.
@@ -155,47 +163,52 @@ class MergeLedger:
     variants (peft_variants.py) both merge and unmerge through it, in place, without a dense [out, in] ΔW."""
 
     def __init__(self):
-        self._records: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+        self._records: dict[str, tuple[Tensor, Tensor, list[Tensor]]] = {}  # norm, zero-gain rows, their values
 
     def __contains__(self, name: str) -> bool:
         return name in self._records
 
     @torch.no_grad()
-    def merge_(self, name: str, w2d: Tensor, A: Tensor, B: Tensor, magnitude: Tensor | None, norm: Tensor,
+    def merge_(self, name: str, w2d: Rows, A: Rows, B: Rows, magnitude: Tensor | None, norm: Tensor,
                scaling: float, record: bool = True) -> None:
         """w2d ← g ⊙ (w2d + s·B·A) in place (magnitude None: plain LoRA, g = 1); with record, remembers what
-        unmerge_ needs."""
+        unmerge_ needs. w2d, A, B: one row-op triple, or tuples of them whose rows share one gain (an input-axis
+        adapter's kernel taps: functional.input_axis_blocks)."""
         if tensor_parallel.is_sharded(w2d):  # tensor parallel: the local slice, with the full rows' gains
             w2d, A, B, magnitude, norm = tensor_parallel.merge_args(w2d, A, B, magnitude, norm, "dora_ext merge")
+        blocks = _blocks(w2d, A, B)
         magnitude = norm if magnitude is None else magnitude.reshape(-1)
         zero = (magnitude == 0).nonzero().flatten()
-        if record:
-            self._records[name] = (norm, zero, w2d[zero].clone())  # g = 0 wipes a row for good: keep those rows
-        ops.merge_(w2d, A, B, magnitude, norm, scaling)
+        if record:  # g = 0 wipes a row for good: keep those rows
+            self._records[name] = (norm, zero, [w[zero].clone() for w, _, _ in blocks])
+        for w, a, b in blocks:
+            ops.merge_(w, a, b, magnitude, norm, scaling)
 
     @torch.no_grad()
-    def unmerge_(self, name: str, w2d: Tensor, A: Tensor, B: Tensor, magnitude: Tensor | None, scaling: float,
+    def unmerge_(self, name: str, w2d: Rows, A: Rows, B: Rows, magnitude: Tensor | None, scaling: float,
                  forget: bool = True) -> None:
         """Undo merge_ of adapter `name` in place with the norm kept at merge time; forget=False keeps the record
-        (to rebuild an unmerged copy of the weight)."""
+        (to rebuild an unmerged copy of the weight). w2d, A, B: as merge_ had them."""
         if tensor_parallel.is_sharded(w2d):  # the norm and rows kept at merge time are local already
             w2d, A, B, magnitude, _ = tensor_parallel.merge_args(w2d, A, B, magnitude, None, "dora_ext unmerge")
+        blocks = _blocks(w2d, A, B)
         norm, zero, saved = self._records.pop(name) if forget else self._records[name]
         # a model moved (.to) between merge and unmerge: the record follows the weight
-        norm, zero = norm.to(w2d.device), zero.to(w2d.device)
+        norm, zero = norm.to(blocks[0][0].device), zero.to(blocks[0][0].device)
         magnitude = norm if magnitude is None else magnitude.reshape(-1)
         if zero.numel():
             magnitude = magnitude.clone()
             magnitude[zero] = 1.0  # any non-zero gain: those rows are restored from the saved copy below
-        ops.unmerge_(w2d, A, B, magnitude, norm, scaling)
-        if zero.numel():
-            w2d[zero] = saved.to(w2d.device)
+        for i, (w, a, b) in enumerate(blocks):
+            ops.unmerge_(w, a, b, magnitude, norm, scaling)
+            if zero.numel():
+                w[zero] = saved[i].to(w.device)
 
     def adopt(self, name: str, norm: Tensor) -> None:
         """Take over a merge made without this ledger, of which only the unmerged norm is known (PEFT's own DoRA
         merge keeps just that): unmerge_ then inverts it with that norm and restores no rows."""
         norm = norm.detach().reshape(-1)
-        self._records[name] = (norm, norm.new_empty(0, dtype=torch.long), norm.new_empty(0))
+        self._records[name] = (norm, norm.new_empty(0, dtype=torch.long), [])
 
     def clear(self) -> None:
         self._records.clear()

@@ -125,7 +125,8 @@ def add_to_model(model: nn.Module, config, adapter_name: str, change: ModelChang
         try:
             layer.add_adapter(adapter_name, config.layer_rank_for(name), config.alpha_for(name), config.dropout,
                               config.use_rslora, config.adapter_dtype, variant=config.variant_object(),
-                              sigma=config.edora_sigma, activation_memory=config.activation_memory)
+                              sigma=config.edora_sigma, activation_memory=config.activation_memory,
+                              norm_axis=config.norm_axis)
         except (ValueError, TypeError) as exc:  # name the module: the layer's own message cannot
             raise type(exc)(f"dora_ext.inject: target module {name!r}: {exc}") from exc
         if existing:
@@ -176,6 +177,8 @@ def set_adapter(model: nn.Module, names: str | list[str], inference_mode: bool =
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"dora_ext.set_adapter: unknown adapter(s) {unknown}, present: {sorted(known)}")
+    for name, layer in layers.items():  # every refusal before the first layer changes
+        layer.check_alone(names, f"dora_ext.set_adapter: layer {name!r}")
     for layer in layers.values():
         layer.set_adapter([n for n in names if n in layer.r], inference_mode=inference_mode)
 

@@ -13,6 +13,10 @@ speed). One function per op:
   ops.weight_norm_4bit   weight_norm_4bit       ops.dora_rescale  dora_rescale
   ops.weight_norm_int8   weight_norm_int8       ops.dora_mixed    dora_mixed
   ops.merge_             merged_weight          ops.unmerge_      unmerged_weight
+
+and the input-axis variant (norm_axis "in", LyCORIS's wd_on_out=False; lycoris/functional/general.py
+_weight_decompose in closed form): input_norm, input_axis_weight (W_eff, also merged), input_axis_linear,
+input_axis_conv.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .numerics import NORM_EPS, accum_dtype  # the shared rules (torch only)
@@ -104,6 +109,46 @@ def unmerged_weight(merged: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: T
     dtype = accum_dtype(merged, lora_A, lora_B, magnitude, norm)
     g = magnitude.to(dtype) / norm.to(dtype)
     return merged.to(dtype) / g[:, None] - scaling * (lora_B.to(dtype) @ lora_A.to(dtype))
+
+
+# ---------------------------------------------------------------------------------------------- input axis
+def _delta(weight: Tensor, lora_A: Tensor, lora_B: Tensor, dtype: torch.dtype) -> Tensor:
+    """B·A in W's shape: [out, in], or a convolution's [out, C_in, k…] from lora_A [r, C_in, k…], lora_B [out, r, 1…]."""
+    r = lora_A.shape[0]
+    return (lora_B.reshape(-1, r).to(dtype) @ lora_A.reshape(r, -1).to(dtype)).reshape(weight.shape)
+
+
+def input_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, *, detach: bool = True) -> Tensor:
+    """‖W + s·B·A‖ per input column (a convolution: per input channel, over (out, k…)) → [in], in the accumulation
+    dtype, dense. detach=False keeps it differentiable (LyCORIS backpropagates through its norm)."""
+    dtype = accum_dtype(weight, lora_A, lora_B)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not detach):
+        full = weight.to(dtype) + scaling * _delta(weight, lora_A, lora_B, dtype)
+        return torch.linalg.vector_norm(full.transpose(0, 1).reshape(full.shape[1], -1), dim=1)
+
+
+def input_axis_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, scaling: float, *,
+                      eps: float | None = NORM_EPS, detach: bool = True) -> Tensor:
+    """W_eff = (W + s·B·A)·diag(m / ‖W + s·B·A‖_col), the weight an input-axis adapter acts as (and what merging
+    writes), in the accumulation dtype. eps: the clamp of the norm (None: none); detach: as input_norm."""
+    dtype = accum_dtype(weight, lora_A, lora_B, magnitude)
+    full = weight.to(dtype) + scaling * _delta(weight, lora_A, lora_B, dtype)
+    g = _gain(magnitude.reshape(-1).to(dtype), input_norm(weight, lora_A, lora_B, scaling, detach=detach), eps)
+    return full * g.reshape((1, -1) + (1,) * (weight.dim() - 2))
+
+
+def input_axis_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                      magnitude: Tensor, scaling: float, **kw) -> Tensor:
+    """x W_effᵀ + b (input_axis_weight; kw: eps, detach)."""
+    return F.linear(x, input_axis_weight(weight, lora_A, lora_B, magnitude, scaling, **kw).to(x.dtype), bias)
+
+
+def input_axis_conv(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                    magnitude: Tensor, scaling: float, stride=1, padding=0, **kw) -> Tensor:
+    """conv(x, W_eff) + b for a Conv1d/2d/3d weight with groups 1 and dilation 1 (input_axis_weight)."""
+    conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[weight.dim()]
+    W_eff = input_axis_weight(weight, lora_A, lora_B, magnitude, scaling, **kw).to(x.dtype)
+    return conv(x, W_eff, bias, stride, padding)
 
 
 # ------------------------------------------------------------------------------------------- quantized bases

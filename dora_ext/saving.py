@@ -165,6 +165,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         raise ValueError("dora_ext.save_adapter: this model holds DoRALinear modules (the single-layer API), which "
                          "carry no adapter name or config; save them with the model's state_dict, or build the "
                          "model with dora_ext.inject(model, DoRAConfig(...)) to get PEFT's adapter files")
+    refuse_input_axis(model, adapter_name)
     config = AdapterConfigs.of(model).get(adapter_name)
     state, ranks, alphas = adapter_state_dict(model, adapter_name, as_dora, save_embedding_layers)
     if config is None:
@@ -185,6 +186,17 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         WEIGHTS_NAME: lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
         CONFIG_NAME: lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True)),
     })
+
+
+def refuse_input_axis(model: nn.Module, adapter_name: str) -> None:
+    """PEFT's format has no input-axis DoRA (its norm is per output row, and PeftModel would load the file as such,
+    silently wrong): refuse such an adapter before anything is gathered or written."""
+    layers = [n for n, layer in dora_layers(model).items() if layer.norm_axis.get(adapter_name) == "in"]
+    if layers:
+        raise ValueError(f"dora_ext.save_adapter: adapter {adapter_name!r} takes its norm per input column "
+                         f"(norm_axis='in', LyCORIS's wd_on_out=False) in {len(layers)} layer(s) ({layers[:3]}), "
+                         "which PEFT's adapter format cannot represent (PEFT's DoRA norm is per output row); save it "
+                         "in LyCORIS's format, or the model's state_dict with torch.save")
 
 
 def _write_dir_atomically(path: Path, writers: dict) -> None:
@@ -233,6 +245,8 @@ class _SavePretrained:
                              f"adapters ({extra[:3]}...) would be lost by an adapter-only save; save the adapters "
                              "with dora_ext.save_adapter and those parameters with torch.save(state_dict), or "
                              "dora_ext.merge_and_unload(model) first to save the whole merged model")
+        for name in names:  # refused before the first directory is written
+            refuse_input_axis(model, name)
         if not is_main_process:
             return
         for name in names:

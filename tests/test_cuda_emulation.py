@@ -325,6 +325,39 @@ def test_layers_train_and_merge_through_emulated_kernels(via_emulation, order):
         torch.testing.assert_close(layer.weight, lin.weight, atol=1e-12, rtol=1e-12)
 
 
+def test_input_axis_layers_through_emulated_kernels(via_emulation, order):
+    """Input-axis DoRA (norm_axis "in") runs the row kernels over column views: a Linear's transposed weight, and a
+    3×3 convolution's per-tap views [C_in, out] whose two strides are both > 1 (functional.input_axis_blocks). The
+    norm, the forward and merge/unmerge through the emulated kernels match float64."""
+    from dora_ext import layers
+
+    torch.manual_seed(0)
+    for base, x in ((torch.nn.Linear(33, 19, dtype=torch.float64), torch.randn(5, 33, dtype=torch.float64)),
+                    (torch.nn.Conv2d(9, 17, 3, padding=1, dtype=torch.float64),
+                     torch.randn(2, 9, 5, 5, dtype=torch.float64))):
+        layer = layers.layer_class_for(base)(base)
+        layer.add_adapter("a", 3, 6.0, norm_axis="in")
+        A, B, m = (t["a"].weight for t in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector))
+        with torch.no_grad():
+            B.normal_()
+            m.mul_(1.1)
+        original = base.weight.detach().clone()
+        torch.testing.assert_close(layer.weight_norm("a"), ref.input_norm(original, A, B, 6.0 / 3), atol=1e-10,
+                                   rtol=1e-10)
+        if isinstance(base, torch.nn.Linear):
+            expected = ref.input_axis_linear(x, original, base.bias, A, B, m, 2.0)
+        else:
+            expected = ref.input_axis_conv(x, original, base.bias, A, B, m, 2.0, 1, 1)
+        layer.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), expected, atol=1e-10, rtol=1e-10)
+            layer.merge()
+            torch.testing.assert_close(base.weight, ref.input_axis_weight(original, A, B, m, 2.0), atol=1e-10,
+                                       rtol=1e-10)
+            layer.unmerge()
+        torch.testing.assert_close(base.weight, original, atol=1e-12, rtol=1e-12)
+
+
 # ------------------------------------------------------------------------------------ zero sizes and limits
 @pytest.mark.parametrize("T,in_f,out_f", [(0, 5, 7), (5, 0, 7), (5, 7, 0), (0, 0, 0)])
 def test_empty_inputs_launch_nothing_invalid(via_emulation, T, in_f, out_f):

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .. import functional, mixed_batch, tensor_parallel
 from ..activation_policy import DEFAULT_MODE, check_mode
-from ..config import check_alpha, check_dropout, check_rank
+from ..config import check_alpha, check_dropout, check_norm_axis, check_rank
 from ..layer_state import MergeLedger, NormCache
 from ..variants import DoRA, Variant
 
@@ -60,6 +60,9 @@ class DoRALayer(nn.Module):
         # adapter -> what the fused ops keep for its magnitude gradient (dora_ext.activation_policy; None: the
         # context's mode), a runtime choice like the adapter dtype: DoRAConfig.activation_memory
         self.activation_memory: dict[str, str | None] = {}
+        # adapter -> where its norm is taken: "out" (per output row, PEFT) or "in" (per input column, LyCORIS's
+        # wd_on_out=False); an "in" adapter is the only active and the only merged adapter of its layer
+        self.norm_axis: dict[str, str] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
@@ -120,6 +123,25 @@ class DoRALayer(nn.Module):
     #: variant classes a kind runs on a tensor-parallel (DTensor) base weight; none unless the kind says
     tensor_parallel_variants: tuple[type[Variant], ...] = ()
 
+    #: whether this kind runs input-axis adapters (norm_axis "in"); the kinds that do say how their tensors map
+    #: to input columns (input_axis_operands)
+    input_axis_supported = False
+
+    def input_axis_operands(self, name: str, weight: Tensor | None = None,
+                            factors: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(W, A, B) as functional.input_axis_blocks takes them: the [out, in] view and the 2-D factors (a
+        convolution: its [out, C_in, k…] weight and [r, C_in, k…] lora_A)."""
+        A, B = self.factors(name) if factors is None else factors
+        return self.weight_2d(weight), A, B
+
+    def _check_input_axis(self, what: str) -> None:
+        """Refuse an input-axis adapter on a layer that cannot run it (a kind may refuse more)."""
+        if not self.input_axis_supported:
+            raise ValueError(f"{what}: norm_axis='in' runs on nn.Linear, transformers Conv1D and nn.Conv1d/2d/3d "
+                             f"layers, not on a {type(self.base_layer).__name__}")
+        if tensor_parallel.is_sharded(self.weight):
+            raise ValueError(f"{what}: norm_axis='in' does not run on a weight sharded by tensor parallelism")
+
     #: variant classes this layer type implements (DoRA only, unless a kind says more)
     supported_variants: tuple[type[Variant], ...] = (DoRA,)
 
@@ -156,8 +178,10 @@ class DoRALayer(nn.Module):
         """The raw tensors the norm of adapter `name` depends on (besides W): the eval-cache key."""
         return [self._tensor(c, name) for c, _, _ in self.tensor_specs(name) if c != "lora_magnitude_vector"]
 
-    def _magnitude_shape(self) -> tuple:
-        return (self.out_features,)
+    def _magnitude_shape(self, axis: str = "out") -> tuple:
+        """The magnitude's shape: one entry per output row, or per input column for norm_axis "in" ([in]: it
+        broadcasts over x's last dim, as the gain it makes multiplies x)."""
+        return (self.out_features if axis == "out" else self.in_features,)
 
     # ----------------------------------------------------------------------------------------------- state
     @property
@@ -187,12 +211,14 @@ class DoRALayer(nn.Module):
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
                     adapter_dtype: torch.dtype | None = None, variant: Variant | None = None,
-                    sigma: float = 1e-5, activation_memory: str | None = DEFAULT_MODE) -> None:
+                    sigma: float = 1e-5, activation_memory: str | None = DEFAULT_MODE, norm_axis: str = "out") -> None:
         """A fresh adapter of `variant` (default DoRA; dora_ext.variants says what each one creates and how it is
         initialised, e.g. DoRA: PEFT's init, output unchanged); it becomes active only if no adapter is active yet,
         as in PEFT. s = alpha/r (alpha/√r with rsLoRA), fixed while dynamic-rank components are pruned.
         activation_memory: what its fused forward keeps for backward (dora_ext.activation_policy), or None for the
-        context's mode; the attribute `activation_memory[name]` may be changed later."""
+        context's mode; the attribute `activation_memory[name]` may be changed later. norm_axis: "out" (PEFT's
+        DoRA, one gain per output row) or "in" (LyCORIS's wd_on_out=False, one per input column; DoRA only, no
+        dropout, linear and conv kinds: config.check_norm_axis)."""
         what = f"dora_ext.{type(self).__name__}.add_adapter"
         variant = DoRA() if variant is None else variant
         if not isinstance(name, str) or not name or name in self.r:
@@ -201,6 +227,9 @@ class DoRALayer(nn.Module):
         check_alpha(alpha, what)
         check_dropout(dropout, what)
         check_mode(activation_memory, what, allow_none=True)
+        check_norm_axis(norm_axis, variant, dropout, what)
+        if norm_axis == "in":
+            self._check_input_axis(what)
         if not self.supports(variant):
             raise ValueError(f"{what}: {type(self).__name__} layers support variants "
                              f"{[c.label() for c in self.supported_variants]}, got {variant.label()}")
@@ -214,6 +243,7 @@ class DoRALayer(nn.Module):
         active = list(self.active_adapters)
         try:  # a failure half-way (a bad dtype, out of memory) must leave no trace of the adapter
             self.variants[name] = variant
+            self.norm_axis[name] = norm_axis
             self._create_factors(name, r, factory)
             for container, tensor in variant.create_extras(r, factory).items():
                 getattr(self, container)[name] = tensor
@@ -226,7 +256,8 @@ class DoRALayer(nn.Module):
                 if layout is not None:  # tensor parallel: the adapter split like the base weight
                     self._shard_factors(name, layout)
                 if self.has_magnitude(name):
-                    m = functional.init_magnitude(self.weight_norm(name), self._magnitude_shape(), adapter_dtype)
+                    m = functional.init_magnitude(self.weight_norm(name), self._magnitude_shape(norm_axis),
+                                                  adapter_dtype)
                     self.lora_magnitude_vector[name] = Magnitude(nn.Parameter(m))
             self.set_adapter(self.active_adapters or [name])
         except BaseException:
@@ -239,7 +270,8 @@ class DoRALayer(nn.Module):
         for container in vars(self)["_modules"].values():
             if isinstance(container, (nn.ModuleDict, nn.ParameterDict)) and name in container:
                 del container[name]
-        for d in (self.r, self.lora_alpha, self.scaling, self.use_rslora, self.variants, self.activation_memory):
+        for d in (self.r, self.lora_alpha, self.scaling, self.use_rslora, self.variants, self.activation_memory,
+                  self.norm_axis):
             d.pop(name, None)
         self._norm_cache.pop(name)
         self.set_adapter([a for a in active if a in self.r])
@@ -252,10 +284,21 @@ class DoRALayer(nn.Module):
         if unknown:
             raise ValueError(f"dora_ext.{type(self).__name__}.set_adapter: unknown adapter(s) {unknown}, "
                              f"present: {self.adapter_names}")
+        self.check_alone(names, f"dora_ext.{type(self).__name__}.set_adapter")
         self.active_adapters = names
         for name in self.adapter_names:
             for (_, _, trainable), p in zip(self.tensor_specs(name), self.params_of(name)):
                 p.requires_grad_(trainable and name in names and not inference_mode)
+
+    def check_alone(self, names: list[str], what: str) -> None:
+        """Refuse `names` as a set of adapters active (or merged) together when one of them is input-axis: its
+        gain scales the layer's input, so it composes with no other adapter's update (neither PEFT's output-side
+        composition nor a merge on top of another merge is defined for it)."""
+        held = [n for n in names if n in self.r]
+        if len(held) > 1 and any(self.norm_axis[n] == "in" for n in held):
+            raise ValueError(f"{what}: adapters {held} cannot act together: an input-axis adapter (norm_axis='in': "
+                             f"{[n for n in held if self.norm_axis[n] == 'in']}) must be the only active and the "
+                             "only merged adapter of its layer")
 
     def delete_adapter(self, name: str) -> None:
         if name not in self.r:
@@ -285,6 +328,8 @@ class DoRALayer(nn.Module):
         """‖W + s·B·A‖ per output row/channel, float32 (float64 for float64 inputs); W is the unmerged base weight
         (or `weight`); `factors`: self.factors(name) when the caller has them already. Never materialises the
         [out, in] sum."""
+        if self.norm_axis[name] == "in":  # per input column
+            return functional.input_norm(*self.input_axis_operands(name, weight, factors), self.scaling[name])
         A, B = self.factors(name) if factors is None else factors
         return functional.weight_norm(self._norm_base() if weight is None else self.weight_2d(weight), A, B,
                                       self.scaling[name])
@@ -292,8 +337,9 @@ class DoRALayer(nn.Module):
     def current_norm(self, name: str, factors: tuple[Tensor, Tensor]) -> Tensor:
         """The norm for a forward: with caching on (dora_ext.norm_caching, PEFT's DoraCaching, or inside a
         mixed_adapters block) and in eval, kept until W, A, B or the scaling change; else computed (NormCache)."""
+        compute = (lambda: self.weight_norm(name, factors=factors)) if self.norm_axis[name] == "in" else None
         return self._norm_cache.norm(name, self._norm_base(), *factors, self.scaling[name], self.training,
-                                     inputs=lambda: self.norm_inputs(name))
+                                     inputs=lambda: self.norm_inputs(name), compute=compute)
 
     def clear_cache(self) -> None:
         """Drop the eval-time norm cache (needed only with caching on, after writing parameters through `.data`)."""
@@ -321,7 +367,8 @@ class DoRALayer(nn.Module):
         m = self.lora_magnitude_vector[name].weight if self.has_magnitude(name) else None
         norm = self.current_norm(name, (A, B)) if m is not None else None  # plain LoRA: no norm, no gain
         return functional.Adapter(*self._forward_factors(name, A, B), m, self.scaling[name], self.dropout_p(name),
-                                  norm, self.activation_memory.get(name, DEFAULT_MODE))
+                                  norm, self.activation_memory.get(name, DEFAULT_MODE),
+                                  norm_axis=self.norm_axis[name])
 
     # --------------------------------------------------------------------------------------------- merging
     def _check_mergeable(self) -> None:
@@ -341,6 +388,7 @@ class DoRALayer(nn.Module):
         Returns the adapters it merged (already merged ones are skipped with PEFT's warnings)."""
         self._check_mergeable()
         names = self.to_merge(adapter_names)
+        self.check_alone(self.merged_adapters + names, f"dora_ext.{type(self).__name__}.merge")
         if self.merged:  # PEFT's check_adapters_to_merge, with its warnings
             if names:
                 warnings.warn(f"Already following adapters were merged {','.join(self.merged_adapters)}. "
@@ -355,8 +403,7 @@ class DoRALayer(nn.Module):
         base = self._unmerged_weight(weight)
         norms = {a: self.weight_norm(a, base) for a in names}
         for a in names:
-            self._ledger.merge_(a, self.weight_2d(weight), *self.factors(a), self._magnitude_of(a), norms[a],
-                                self.scaling[a])
+            self._ledger.merge_(a, *self._merge_operands(a, weight), self._magnitude_of(a), norms[a], self.scaling[a])
         self._commit_merge(weight)
         self.merged_adapters.extend(names)
         return names
@@ -377,14 +424,15 @@ class DoRALayer(nn.Module):
         """Raise, changing nothing, if merging `names` is refused: a kind that cannot merge, or (safe_merge) NaN/inf
         in the merged weight, computed on a copy."""
         self._check_mergeable()
+        self.check_alone(self.merged_adapters + names, f"dora_ext.{type(self).__name__}.merge")
         if not names or not safe_merge:
             return
         weight = self._merge_target()
         base = self._unmerged_weight(weight)
         trial = weight.detach().clone()
         for a in names:
-            self._ledger.merge_(a, self.weight_2d(trial), *self.factors(a), self._magnitude_of(a),
-                                self.weight_norm(a, base), self.scaling[a], record=False)
+            self._ledger.merge_(a, *self._merge_operands(a, trial), self._magnitude_of(a), self.weight_norm(a, base),
+                                self.scaling[a], record=False)
         if not torch.isfinite(trial).all():
             raise ValueError(f"dora_ext.{type(self).__name__}.merge: NaN/inf in the merged weight of adapters "
                              f"{names}; the layer was left unmerged")
@@ -402,8 +450,15 @@ class DoRALayer(nn.Module):
         weight = self._merge_target()
         for _ in range(count):
             a = self.merged_adapters.pop()
-            self._ledger.unmerge_(a, self.weight_2d(weight), *self.factors(a), self._magnitude_of(a), self.scaling[a])
+            self._ledger.unmerge_(a, *self._merge_operands(a, weight), self._magnitude_of(a), self.scaling[a])
         self._commit_merge(weight)
+
+    def _merge_operands(self, name: str, weight: Tensor) -> tuple:
+        """(W, A, B) of adapter `name` for the ledger's row ops on `weight`: its [out, in] view and the factors, or
+        for an input-axis adapter the views whose rows are W's input columns (functional.input_axis_blocks)."""
+        if self.norm_axis[name] == "in":
+            return functional.input_axis_blocks(*self.input_axis_operands(name, weight))
+        return (self.weight_2d(weight), *self.factors(name))
 
     def _magnitude_of(self, a: str) -> Tensor | None:
         """The magnitude the merge uses; None for plain LoRA (a gain of exactly 1)."""
@@ -415,8 +470,8 @@ class DoRALayer(nn.Module):
             return weight
         weight = weight.detach().clone()
         for a in reversed(self.merged_adapters):
-            self._ledger.unmerge_(a, self.weight_2d(weight), *self.factors(a), self._magnitude_of(a),
-                                  self.scaling[a], forget=False)
+            self._ledger.unmerge_(a, *self._merge_operands(a, weight), self._magnitude_of(a), self.scaling[a],
+                                  forget=False)
         return weight
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:

@@ -1,4 +1,4 @@
-"""DoRA on nn.Conv1d/2d/3d: one norm and gain per output channel."""
+"""DoRA on nn.Conv1d/2d/3d: one norm and gain per output channel (or, norm_axis "in", per input channel)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,12 @@ class Conv(DoRALayer):
 
     groups > 1 follows PEFT: r must be divisible by groups, the norm uses PEFT's reshape of B.view(-1, r) @
     A.view(r, -1) to W's shape (computed densely, in float32), and merging raises NotImplementedError.
+
+    norm_axis "in" (LyCORIS's wd_on_out=False, groups=1 only): one norm and gain per input channel, over
+    (C_out, k…); magnitude [1, C_in, 1…], LyCORIS's dora_scale layout, broadcasting over the input it scales.
     """
+
+    input_axis_supported = True
 
     def __init__(self, base_layer: nn.Module):
         if type(base_layer) not in CONV_FN:
@@ -36,8 +41,17 @@ class Conv(DoRALayer):
         return (r, base.in_channels, *base.kernel_size), (base.out_channels, r // base.groups, *ones), \
             (1, base.out_channels, *ones)
 
-    def _magnitude_shape(self):
-        return (1, self.out_features) + (1,) * (self.weight.dim() - 2)
+    def _magnitude_shape(self, axis="out"):
+        return (1, self.out_features if axis == "out" else self.in_features) + (1,) * (self.weight.dim() - 2)
+
+    def _check_input_axis(self, what):
+        super()._check_input_axis(what)
+        if self.spec.groups > 1:  # a column of W then mixes channels of different groups under one gain
+            raise ValueError(f"{what}: norm_axis='in' needs a convolution with groups=1, got groups={self.spec.groups}")
+
+    def input_axis_operands(self, name, weight=None, factors=None):
+        _, B = self.factors(name) if factors is None else factors
+        return self.weight if weight is None else weight, self.lora_A[name].weight, B
 
     def weight_2d(self, weight=None):
         weight = self.weight if weight is None else weight
@@ -87,5 +101,7 @@ class Conv(DoRALayer):
 
     def _adapted_forward(self, x: Tensor, active: list[str], *args, **kwargs) -> Tensor:
         adapters = [self._adapter(a) for a in active]
+        if adapters[0].norm_axis == "in":  # the only active adapter (check_alone)
+            return functional.conv_in(x, self.base_layer, adapters[0], self.spec)
         return functional.conv(x, self.base_layer(x), self.weight, self.base_layer.bias, self.spec, adapters,
                                self.training)

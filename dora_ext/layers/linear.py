@@ -24,6 +24,7 @@ class Linear(DoRALayer):
     """
 
     supported_variants = (DoRA, LoRA, EDoRA, DynamicDoRA, DynamicLoRA)
+    input_axis_supported = True  # columns of the [out, in] view: transposed views of W, B, A
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False):
         conv1d = conv1d_type()
@@ -94,5 +95,7 @@ class Linear(DoRALayer):
                                               self.training))
 
     def _mixed_forward(self, x: Tensor, names: list[str], *args, **kwargs) -> Tensor:
+        if any(self.norm_axis.get(n) == "in" for n in names):  # its gain scales x: no shared base product
+            return super()._mixed_forward(x, names, *args, **kwargs)
         mixed_batch.check_names(names, x.shape[0], f"dora_ext.{type(self).__name__}")
         return mixed_batch.linear_mixed(x, self.base_layer(x, *args, **kwargs), self.base_layer.bias, names, self)

@@ -21,6 +21,8 @@ __all__ = ["QuantizedLinear"]
 class QuantizedLinear(Linear):
     """Linear's adapters, variants and keys over a frozen bitsandbytes Linear4bit / Linear8bitLt."""
 
+    input_axis_supported = False  # the packed weight has no column view for the fused norm
+
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False):
         super().__init__(base_layer, fan_in_fan_out)
         self.fan_in_fan_out = False  # bitsandbytes layers hold nn.Linear's [out, in] layout
