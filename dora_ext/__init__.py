@@ -18,7 +18,11 @@ except ImportError as exc:  # a half-loaded package would hide a broken build, s
         f"Original error: {exc}"
     ) from exc
 
-from . import functional, layers, ops, quantized, reference, serving  # noqa: E402
+from . import adapter_files, functional, layers, ops, quantized, reference, serving  # noqa: E402
+from .adapter_files import (  # noqa: E402
+    ModuleAdapter, load_lycoris, lycoris_to_peft, model_adapters, peft_to_lycoris, read_adapter_file, save_ai_toolkit,
+    save_lycoris, save_peft,
+)
 from .checkpoint import adapter_state_dict, load_adapter, save_adapter  # noqa: E402
 from .config import DoRAConfig  # noqa: E402
 from .dynamic_rank import DynamicRankAllocator  # noqa: E402
@@ -38,4 +42,6 @@ __all__ = [
     "merge_and_unload", "unload", "dora_layers", "get_nb_trainable_parameters", "print_trainable_parameters", "from_peft", "save_adapter", "load_adapter", "adapter_state_dict",
     "patch_peft", "unpatch_peft", "peft_patched", "mixed_adapters", "norm_caching", "DynamicRankAllocator",
     "loraplus_param_groups", "create_loraplus_optimizer", "functional", "layers", "ops", "quantized", "reference", "serving", "__version__",
+    "adapter_files", "ModuleAdapter", "read_adapter_file", "model_adapters", "load_lycoris", "save_lycoris",
+    "save_ai_toolkit", "save_peft", "lycoris_to_peft", "peft_to_lycoris",
 ]

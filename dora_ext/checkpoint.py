@@ -23,12 +23,14 @@ from .model_state import ModelChange, adapter_root, dora_layers, refuse_peft_lay
 from .saving import (CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, adapter_state_dict, adapter_tensors,
                      embedding_base_layers, save_adapter)
 
-__all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["save_adapter", "load_adapter", "load_adapter_state", "read_adapter_dir", "adapter_state_dict",
+           "CONFIG_NAME", "WEIGHTS_NAME"]
 
 
 # ------------------------------------------------------------------------------------------------------ loading
-def _read(path: Path) -> tuple[DoRAConfig, dict[str, Tensor]]:
-    what = "dora_ext.load_adapter"
+def read_adapter_dir(path: Path, what: str = "dora_ext.load_adapter") -> tuple[DoRAConfig, dict[str, Tensor]]:
+    """(config, {saved key: tensor}) of a PEFT adapter directory, the config checked (DoRAConfig.from_peft_dict) and
+    the weights file read whole; errors name `what`."""
     cfg_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
     for f in (cfg_file, weights_file):
         if not f.is_file():
@@ -75,7 +77,7 @@ def _base_tensors(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, T
             for k, t in base.state_dict(keep_vars=True).items()}
 
 
-def _validate(tensors: dict, shapes: dict, source: Path, optional: dict | None = None) -> None:
+def _validate(tensors: dict, shapes: dict, source, optional: dict | None = None) -> None:
     """Refuse a file whose keys are not `shapes` (plus any of `optional`) or whose tensors are not finite floating
     point tensors of the expected shapes."""
     what = f"dora_ext.load_adapter: {source}"
@@ -106,18 +108,28 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     any error the model is left as it was."""
     refuse_peft_layers(model, "load_adapter")
     path = Path(path)
-    config, tensors = _read(path)
+    config, tensors = read_adapter_dir(path)
+    return load_adapter_state(model, config, tensors, path, adapter_name, is_trainable)
+
+
+def load_adapter_state(model: nn.Module, config: DoRAConfig, tensors: dict[str, Tensor], source: str | os.PathLike,
+                       adapter_name: str = "default", is_trainable: bool = False) -> nn.Module:
+    """load_adapter's work on an adapter already read: `config` and `tensors` keyed as PEFT saves them
+    (`base_model.model.<module>.lora_A.weight`, ...); `source` names where they came from in messages. The same checks
+    before the model changes, the same all-or-nothing change (dora_ext.adapter_files loads other formats through
+    it)."""
+    refuse_peft_layers(model, "load_adapter")
     new, shapes, bases = _expected(model, config, adapter_name)
     if not new:
-        _check_existing(model, config, adapter_name, path)
-    _validate(tensors, shapes, path, {key: tuple(t.shape) for key, t in bases.items()})
+        _check_existing(model, config, adapter_name, source)
+    _validate(tensors, shapes, source, {key: tuple(t.shape) for key, t in bases.items()})
     merged = [name for name, layer in dora_layers(model).items() if layer.merged
               and any(key.startswith(f"{KEY_PREFIX}{name}.base_layer.") for key in bases if key in tensors)]
     if merged:
-        raise ValueError(f"dora_ext.load_adapter: {path} holds the base weights of {merged}, whose base weights hold "
+        raise ValueError(f"dora_ext.load_adapter: {source} holds the base weights of {merged}, whose base weights hold "
                          "merged adapters (unmerging after the copy would corrupt them): unmerge first")
     if config.variant == "lora" and not config.dynamic_rank:
-        warnings.warn(f"dora_ext.load_adapter: {path} holds a plain LoRA adapter (use_dora is false in its "
+        warnings.warn(f"dora_ext.load_adapter: {source} holds a plain LoRA adapter (use_dora is false in its "
                       "config); it is loaded as LoRA, without a magnitude")
     with ModelChange(model) as change:
         if new:
@@ -137,7 +149,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     return model
 
 
-def _check_existing(model: nn.Module, config: DoRAConfig, adapter_name: str, source: Path) -> None:
+def _check_existing(model: nn.Module, config: DoRAConfig, adapter_name: str, source) -> None:
     """Refuse to load over an existing adapter whose config differs from the file's (the layers would keep their
     own scaling, rank or variant: wrong outputs) or that is merged (the new tensors would unmerge wrongly, corrupting
     the base weight for good)."""

@@ -22,10 +22,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .config import DoRAConfig
 from .layers import DoRALayer
 from .model_state import AdapterConfigs, adapter_root, dora_layers
 
-__all__ = ["save_adapter", "adapter_state_dict", "adapter_tensors", "embedding_base_layers", "install_save_pretrained",
+__all__ = ["save_adapter", "adapter_files", "adapter_state_dict", "adapter_tensors", "write_dir_atomically",
+           "write_file_atomically", "embedding_base_layers", "install_save_pretrained",
            "uninstall_save_pretrained", "CONFIG_NAME", "WEIGHTS_NAME", "KEY_PREFIX"]
 
 CONFIG_NAME = "adapter_config.json"
@@ -144,6 +146,25 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default", as_dora:
     return out, ranks, alphas
 
 
+def adapter_files(model: nn.Module, adapter_name: str = "default", as_dora: bool = False,
+                  save_embedding_layers: bool | str = "auto") -> tuple[DoRAConfig, dict[str, Tensor]]:
+    """(the config, {saved key: whole tensor}) that save_adapter writes for `adapter_name`: adapter_state_dict's
+    tensors, and the recorded config with folded adapters' per-layer ranks and scalings in rank_pattern /
+    alpha_pattern. Under torch.distributed every rank must call it (sharded tensors are gathered). An input-axis
+    adapter is refused (refuse_input_axis): PEFT's format cannot hold it."""
+    refuse_input_axis(model, adapter_name)
+    config = AdapterConfigs.of(model).get(adapter_name)
+    state, ranks, alphas = adapter_state_dict(model, adapter_name, as_dora, save_embedding_layers)
+    if config is None:
+        raise ValueError(f"dora_ext.save_adapter: no DoRAConfig recorded for adapter {adapter_name!r} (was it added "
+                         "with dora_ext.inject or load_adapter?)")
+    if ranks:  # folded: an ordinary adapter with per-layer ranks and scalings
+        variant = "dora" if config.variant == "edora" else config.variant
+        config = dataclasses.replace(config, variant=variant, dynamic_rank=False, use_rslora=False,
+                                     r=max(ranks.values()), rank_pattern=ranks, alpha_pattern=alphas)
+    return config, state
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
                  base_model_name_or_path: str | None = None, as_dora: bool = False,
                  save_embedding_layers: bool | str = "auto") -> None:
@@ -165,16 +186,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         raise ValueError("dora_ext.save_adapter: this model holds DoRALinear modules (the single-layer API), which "
                          "carry no adapter name or config; save them with the model's state_dict, or build the "
                          "model with dora_ext.inject(model, DoRAConfig(...)) to get PEFT's adapter files")
-    refuse_input_axis(model, adapter_name)
-    config = AdapterConfigs.of(model).get(adapter_name)
-    state, ranks, alphas = adapter_state_dict(model, adapter_name, as_dora, save_embedding_layers)
-    if config is None:
-        raise ValueError(f"dora_ext.save_adapter: no DoRAConfig recorded for adapter {adapter_name!r} (was it added "
-                         "with dora_ext.inject or load_adapter?)")
-    if ranks:  # folded: an ordinary adapter with per-layer ranks and scalings
-        variant = "dora" if config.variant == "edora" else config.variant
-        config = dataclasses.replace(config, variant=variant, dynamic_rank=False, use_rslora=False,
-                                     r=max(ranks.values()), rank_pattern=ranks, alpha_pattern=alphas)
+    config, state = adapter_files(model, adapter_name, as_dora, save_embedding_layers)
     if not _is_writer():
         return
     from safetensors.torch import save_file  # safetensors is optional: only writing an adapter needs it
@@ -182,7 +194,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     tensors = {k: v.to("cpu").contiguous() for k, v in state.items()}
     meta = config.to_peft_dict(base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path",
                                                                    None))
-    _write_dir_atomically(path, {
+    write_dir_atomically(path, {
         WEIGHTS_NAME: lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
         CONFIG_NAME: lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True)),
     })
@@ -199,7 +211,9 @@ def refuse_input_axis(model: nn.Module, adapter_name: str) -> None:
                          "in LyCORIS's format, or the model's state_dict with torch.save")
 
 
-def _write_dir_atomically(path: Path, writers: dict) -> None:
+def write_dir_atomically(path: Path, writers: dict) -> None:
+    """Write the directory `path` from {file name: writer(file path)}: into a temporary directory next to it, then
+    renamed, so a failed write leaves no half-written directory."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
@@ -213,6 +227,20 @@ def _write_dir_atomically(path: Path, writers: dict) -> None:
             tmp.rmdir()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_file_atomically(path: Path, write) -> None:
+    """Write the file `path` by write(temporary path) next to it, then rename: a failed write leaves no half-written
+    file, and an existing one stays as it was."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
         raise
 
 
