@@ -63,7 +63,8 @@ def _expected(model: nn.Module, config: DoRAConfig, adapter_name: str) -> tuple[
     shapes = {}
     for name, mod in plan.items():
         base = mod.base_layer if isinstance(mod, DoRALayer) else mod
-        shapes_of = layer_class_for(base).adapter_shapes(base, config.layer_rank_for(name), config.variant_object())
+        shapes_of = layer_class_for(base).adapter_shapes(base, config.layer_rank_for(name), config.variant_object(),
+                                                         config.norm_axis)
         for suffix, shape in shapes_of.items():
             shapes[f"{KEY_PREFIX}{name}.{suffix}"] = tuple(shape)
     return True, shapes, _base_tensors(model, plan)
@@ -169,6 +170,8 @@ def _check_existing(model: nn.Module, config: DoRAConfig, adapter_name: str, sou
             differences.append(f"variant {layer.variants[adapter_name].label()} vs the file's {variant.label()}")
         if not math.isclose(layer.scaling[adapter_name], scaling, rel_tol=1e-9):
             differences.append(f"scaling {layer.scaling[adapter_name]} vs the file's {scaling}")
+        if layer.norm_axis[adapter_name] != config.norm_axis:
+            differences.append(f"norm_axis {layer.norm_axis[adapter_name]!r} vs the file's {config.norm_axis!r}")
         if not math.isclose(layer.dropout_p(adapter_name), config.dropout):
             differences.append(f"dropout {layer.dropout_p(adapter_name)} vs the file's {config.dropout}")
         if differences:

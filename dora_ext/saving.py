@@ -147,12 +147,15 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default", as_dora:
 
 
 def adapter_files(model: nn.Module, adapter_name: str = "default", as_dora: bool = False,
-                  save_embedding_layers: bool | str = "auto") -> tuple[DoRAConfig, dict[str, Tensor]]:
+                  save_embedding_layers: bool | str = "auto", allow_input_axis: bool = False
+                  ) -> tuple[DoRAConfig, dict[str, Tensor]]:
     """(the config, {saved key: whole tensor}) that save_adapter writes for `adapter_name`: adapter_state_dict's
     tensors, and the recorded config with folded adapters' per-layer ranks and scalings in rank_pattern /
     alpha_pattern. Under torch.distributed every rank must call it (sharded tensors are gathered). An input-axis
-    adapter is refused (refuse_input_axis): PEFT's format cannot hold it."""
-    refuse_input_axis(model, adapter_name)
+    adapter is refused (refuse_input_axis: PEFT's format cannot hold it) unless allow_input_axis, for writers of
+    formats that hold it (adapter_files.model_adapters → LyCORIS)."""
+    if not allow_input_axis:
+        refuse_input_axis(model, adapter_name)
     config = AdapterConfigs.of(model).get(adapter_name)
     state, ranks, alphas = adapter_state_dict(model, adapter_name, as_dora, save_embedding_layers)
     if config is None:

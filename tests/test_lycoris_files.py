@@ -10,7 +10,8 @@ output), and LyCORIS adds ε = finfo(float32).eps to the norm where dora_ext cla
 below 1e-6 here). Through the whole UNet the two fp32 results drift apart by rounding, so each is held against
 LyCORIS run in float64 on the same file (ε = finfo(float64).eps there): dora_ext's and PEFT's errors may be at most
 twice LyCORIS's own fp32 error plus 8 unit roundoffs of the output norm (assert_error_within). Tensors that are only
-moved between files are compared bit for bit.
+moved between files are compared bit for bit. Input-axis files (wd_on_out=False) are run by LyCORIS's own network
+built with wd_on_output=False, the file loaded into it (its readers build output-axis modules only).
 """
 
 from __future__ import annotations
@@ -279,26 +280,73 @@ def test_onetrainer_dotted_names_read_as_the_underscored_ones(unet_file):
 
 
 # ------------------------------------------------------------------------------------------- the input axis
-def test_an_input_axis_file_is_read_and_written_but_neither_loaded_nor_converted_to_peft(tmp_path):
-    base = tiny_unet()
-    path = tmp_path / "in_axis.safetensors"
-    lycoris_file(base, path, wd_on_output=False)
+def lycoris_input_axis_reference(base, path, inputs, dtype, r=4, alpha=2.0):
+    """LyCORIS's outputs for an input-axis file (wd_on_out=False). Its readers (create_lycoris_from_weights,
+    kohya's create_network_from_weights) build output-axis modules only (LoConModule.make_module_from_state_dict
+    leaves wd_on_out=True), so the oracle is LyCORIS's own network built with wd_on_output=False on a copy of `base`
+    in `dtype`, the file loaded into it by its load_weights (every key, none left over). Its scale is fixed when the
+    network is built (alpha/r, not the alpha buffer the file overwrites), so the file's alphas are checked to be
+    that one."""
+    model = copy.deepcopy(base).to(dtype)
+    network = lycoris.create_lycoris(model, 1.0, linear_dim=r, linear_alpha=alpha, algo="locon", dora_wd=True,
+                                     wd_on_output=False)
+    network.apply_to()
+    assert network.load_weights(str(path)) == {}  # no missing, no unexpected key
     state = load_file(str(path))
-    assert state["lycoris_conv_in.dora_scale"].shape == (1, 4, 1, 1)  # [1, C_in, 1, 1]: LyCORIS's input axis
-    adapters = dora_ext.read_adapter_file(path, base)
-    assert {a.axis for a in adapters.values()} == {"in"}
-    assert adapters["conv_in"].magnitude.shape == (4,)
+    assert all(lora.scale == float(state[f"{lora.lora_name}.alpha"]) / r for lora in network.loras)
+    network.to(dtype)
+    return run(model, inputs)
+
+
+@pytest.fixture(scope="module")
+def unet_in_file(tmp_path_factory):
+    """(the base UNet, a LyCORIS input-axis DoRA file for it, LyCORIS's fp32 and fp64 outputs, the base output,
+    the number of modules)."""
+    base = tiny_unet()
+    path = tmp_path_factory.mktemp("lycoris_in") / "unet_dora_in.safetensors"
+    _, network = lycoris_file(base, path, wd_on_output=False)
+    y32 = lycoris_input_axis_reference(base, path, unet_inputs(), torch.float32)
+    y64 = lycoris_input_axis_reference(base, path, unet_inputs(torch.float64), torch.float64)
+    return base, path, y32, y64, run(base, unet_inputs()), len(network.loras)
+
+
+def test_a_lycoris_input_axis_file_loads_onto_dora_ext_with_lycoris_outputs(unet_in_file):
+    """Each module becomes a norm_axis="in" adapter whose magnitude is the file's dora_scale bit for bit, in the
+    layer's shape ([in]; a conv: [1, C_in, 1, 1], dora_scale's own). Outputs as for the output axis (module
+    docstring); LyCORIS's fp32 ε against dora_ext's clamp is a relative gain change of ε/‖column‖, asserted below
+    1e-6 here (tests/test_input_axis.py pins the formula), i.e. within the rounding the comparison allows."""
+    base, path, y32, y64, y_base, count = unet_in_file
+    state = load_file(str(path))
+    model = dora_ext.load_lycoris(copy.deepcopy(base), path)
+    layers = dora_ext.dora_layers(model)
+    assert len(layers) == count and any(isinstance(l, dora_ext.layers.Conv) for l in layers.values())
+    names = {p: f"lycoris_{p.replace('.', '_')}" for p in layers}
+    for path_, layer in layers.items():
+        assert layer.norm_axis["default"] == "in"
+        m, scale = layer.lora_magnitude_vector["default"].weight, state[f"{names[path_]}.dora_scale"]
+        conv = isinstance(layer, dora_ext.layers.Conv)
+        assert m.shape == (scale.shape if conv else (layer.in_features,)), path_
+        assert scale.shape[:2] == (1, layer.in_features) and torch.equal(m, scale.reshape(m.shape)), path_
+    assert min(torch.finfo(torch.float32).eps / l.weight_norm("default").min().item() for l in layers.values()) < 1e-6
+    y = run(model, unet_inputs())
+    assert (y64 - y_base.double()).norm() > 0.1 * y64.norm()  # the adapter is far from identity
+    assert_error_within(y, y32, y64, factor=2.0, msg="dora_ext vs LyCORIS (fp64), input axis")
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_a_lycoris_input_axis_file_round_trips_bit_for_bit_and_has_no_peft_form(unet_in_file, tmp_path):
+    base, path, *_ = unet_in_file
+    model = dora_ext.load_lycoris(copy.deepcopy(base), path)
+    adapters = dora_ext.model_adapters(model)
+    assert {a.axis for a in adapters.values()} == {"in"} and adapters["conv_in"].magnitude.shape == (4,)
     dora_ext.save_lycoris(adapters, tmp_path / "again.safetensors")
     assert_same_files(path, tmp_path / "again.safetensors")
-
-    model = copy.deepcopy(base)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(NotImplementedError, match="input-axis"):
-        dora_ext.load_lycoris(model, path)
-    assert not dora_ext.dora_layers(model)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    with pytest.raises(ValueError, match="not be exact"):
-        dora_ext.lycoris_to_peft(path, base, tmp_path / "peft")
+    # PEFT's DoRA normalises output rows: no exact PEFT (or ai-toolkit) form, refused before anything is written
+    for convert in (lambda: dora_ext.lycoris_to_peft(path, base, tmp_path / "peft"),
+                    lambda: dora_ext.save_peft(adapters, tmp_path / "peft"),
+                    lambda: dora_ext.save_adapter(model, tmp_path / "peft")):
+        with pytest.raises(ValueError, match="not be exact|cannot represent"):
+            convert()
     assert not (tmp_path / "peft").exists()
     with pytest.raises(ValueError, match="not exact"):
         dora_ext.save_lycoris(adapters, tmp_path / "out.safetensors", norm_axis="out")
@@ -306,6 +354,106 @@ def test_an_input_axis_file_is_read_and_written_but_neither_loaded_nor_converted
         dora_ext.read_adapter_file(path, base, norm_axis="out")
     with pytest.raises(ValueError, match="linear-only"):
         dora_ext.save_ai_toolkit(adapters, tmp_path / "ait.safetensors")
+
+
+def test_a_text_encoder_input_axis_file_keeps_per_module_ranks_and_alphas(tmp_path):
+    """Linear layers of a CLIP text encoder. One module is rewritten at rank 8 with the same s·B·A (A stacked twice
+    and halved, B stacked, alpha 4 so s = 4/8 = 0.5 as the others' 2/4): LyCORIS on the uniform file is its oracle,
+    and a loader that lost the module's rank or alpha would give it another scaling (2/8 or 4/4)."""
+    base = tiny_clip()
+    path = tmp_path / "clip_in.safetensors"
+    lycoris_file(base, path, wd_on_output=False)
+    state = load_file(str(path))
+    name = "lycoris_encoder_layers_1_mlp_fc1"
+    assert state[f"{name}.dora_scale"].shape == (1, 32)
+    state[f"{name}.lora_down.weight"] = torch.cat([state[f"{name}.lora_down.weight"]] * 2) * 0.5
+    state[f"{name}.lora_up.weight"] = torch.cat([state[f"{name}.lora_up.weight"]] * 2, dim=1)
+    state[f"{name}.alpha"] = torch.tensor(4.0)
+    model = dora_ext.load_lycoris(copy.deepcopy(base), state)
+    layer = dora_ext.dora_layers(model)["encoder.layers.1.mlp.fc1"]
+    assert layer.r["default"] == 8 and layer.lora_alpha["default"] == 4.0 and layer.norm_axis["default"] == "in"
+    y32 = lycoris_input_axis_reference(base, path, clip_inputs(), torch.float32)
+    y64 = lycoris_input_axis_reference(base, path, clip_inputs(), torch.float64)
+    assert (y64 - run(base, clip_inputs()).double()).norm() > 0.1 * y64.norm()
+    assert_error_within(run(model, clip_inputs()), y32, y64, factor=2.0, msg="dora_ext, input axis, mixed ranks")
+    adapters = dora_ext.model_adapters(model)
+    assert adapters["encoder.layers.1.mlp.fc1"].rank == 8 and adapters["encoder.layers.1.mlp.fc1"].alpha == 4.0
+
+
+def _lycoris_module_paths(model: nn.Module) -> list[str]:
+    """The module paths LyCORIS's default network (preset "full", locon) adapts in `model`."""
+    network = lycoris.create_lycoris(copy.deepcopy(model), 1.0, linear_dim=4, linear_alpha=2, algo="locon")
+    return sorted(n for n, _ in model.named_modules() if n and f"lycoris_{n.replace('.', '_')}" in
+                  {lora.lora_name for lora in network.loras})
+
+
+def test_an_input_axis_adapter_trained_by_dora_ext_saves_a_file_lycoris_runs(tmp_path):
+    """dora_ext's norm_axis="in" adapters, on the modules LyCORIS adapts in the UNet (convs and linears), trained a
+    few steps, then written by save_lycoris: dora_scale float32 [1, in] / [1, C_in, 1, 1] and alpha per module.
+    LyCORIS's network with wd_on_output=False takes the file key for key and gives dora_ext's outputs (fp32 and fp64
+    LyCORIS, as above); the file loads back into dora_ext with the same tensors and writes the same file."""
+    import re
+
+    base = tiny_unet()
+    paths = _lycoris_module_paths(base)
+    config = dora_ext.DoRAConfig(r=4, alpha=2.0, norm_axis="in",
+                                 target_modules="|".join(re.escape(p) for p in paths))
+    model = dora_ext.inject(copy.deepcopy(base), config)
+    assert sorted(dora_ext.dora_layers(model)) == paths
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    target = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(8))
+    model.train()
+    for _ in range(2):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(*unet_inputs()).sample, target).backward()
+        opt.step()
+    model.eval()
+    trained = dora_ext.model_adapters(model)
+    assert {a.axis for a in trained.values()} == {"in"}
+    path = tmp_path / "trained_in.safetensors"
+    dora_ext.save_lycoris(trained, path)
+    state = load_file(str(path))
+    for p, layer in dora_ext.dora_layers(model).items():
+        scale, alpha = state[f"lycoris_{p.replace('.', '_')}.dora_scale"], state[f"lycoris_{p.replace('.', '_')}.alpha"]
+        assert scale.dtype == torch.float32 and alpha.dtype == torch.float32 and alpha.item() == 2.0
+        kernel = (1,) * (layer.weight.dim() - 2)
+        assert scale.shape == (1, layer.in_features, *kernel), p
+
+    y = run(model, unet_inputs())
+    y32 = lycoris_input_axis_reference(base, path, unet_inputs(), torch.float32)
+    y64 = lycoris_input_axis_reference(base, path, unet_inputs(torch.float64), torch.float64)
+    assert (y64 - run(base, unet_inputs()).double()).norm() > 0.1 * y64.norm()  # training moved the output
+    assert_error_within(y, y32, y64, factor=2.0, msg="dora_ext-trained input-axis adapter vs LyCORIS (fp64)")
+
+    again = dora_ext.model_adapters(dora_ext.load_lycoris(copy.deepcopy(base), path))
+    assert again.keys() == trained.keys()
+    for p, a in trained.items():
+        b = again[p]
+        assert a.alpha == b.alpha and a.axis == b.axis == "in"
+        assert all(torch.equal(x, y) for x, y in ((a.lora_A, b.lora_A), (a.lora_B, b.lora_B),
+                                                  (a.magnitude, b.magnitude)))
+    dora_ext.save_lycoris(again, tmp_path / "again.safetensors")
+    assert_same_files(path, tmp_path / "again.safetensors")
+
+
+def test_a_file_mixing_the_axes_is_refused_and_leaves_the_model_as_it_was(unet_file, unet_in_file):
+    base, out_path, *_ = unet_file
+    _, in_path, *_ = unet_in_file
+    mixed = {k: v for k, v in load_file(str(out_path)).items() if not k.startswith("lycoris_conv_in.")}
+    mixed.update({k: v for k, v in load_file(str(in_path)).items() if k.startswith("lycoris_conv_in.")})
+    assert dora_ext.read_adapter_file(mixed, base)["conv_in"].axis == "in"
+    model = copy.deepcopy(base)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"mix the output axis .* and the input axis \(1, e\.g\. \['conv_in'\]\)"):
+        dora_ext.load_lycoris(model, mixed)
+    assert not dora_ext.dora_layers(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # an output-axis adapter of the same name is not overwritten by an input-axis file
+    dora_ext.load_lycoris(model, out_path)
+    held = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="norm_axis 'out' vs the file's 'in'"):
+        dora_ext.load_lycoris(model, in_path)
+    assert all(torch.equal(held[k], v) for k, v in model.state_dict().items())
 
 
 def test_a_magnitude_that_fits_both_axes_needs_norm_axis(tmp_path):
@@ -316,9 +464,11 @@ def test_a_magnitude_that_fits_both_axes_needs_norm_axis(tmp_path):
     with pytest.raises(ValueError, match="pass norm_axis='out' or 'in'"):
         dora_ext.load_lycoris(copy.deepcopy(base), path)
     assert dora_ext.read_adapter_file(path, base, norm_axis="in")["0"].axis == "in"
-    model = dora_ext.load_lycoris(copy.deepcopy(base), path, norm_axis="out")
     x = torch.randn(5, 1, generator=torch.Generator().manual_seed(5))
-    torch.testing.assert_close(run(model, (x,)), run(adapted, (x,)), **TOLERANCES[torch.float32])
+    for axis in ("out", "in"):  # one weight: its row and its column are the same, so both axes give LyCORIS's
+        model = dora_ext.load_lycoris(copy.deepcopy(base), path, norm_axis=axis)
+        assert dora_ext.dora_layers(model)["0"].norm_axis["default"] == axis
+        torch.testing.assert_close(run(model, (x,)), run(adapted, (x,)), **TOLERANCES[torch.float32])
 
 
 # ---------------------------------------------------------------------------------------------------- refusals

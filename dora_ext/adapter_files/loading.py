@@ -13,8 +13,8 @@ from torch import Tensor, nn
 
 from ..checkpoint import load_adapter_state
 from ..config import DoRAConfig
-from .neutral import IN, ModuleAdapter
-from .peft_form import to_peft
+from .neutral import ModuleAdapter
+from .peft_form import to_layers
 from .reading import read_adapter_file
 
 __all__ = ["load_lycoris", "dora_state"]
@@ -23,23 +23,19 @@ __all__ = ["load_lycoris", "dora_state"]
 def dora_state(adapters: dict[str, ModuleAdapter], model: nn.Module, what: str = "dora_ext.load_lycoris"
                ) -> tuple[DoRAConfig, dict[str, Tensor]]:
     """(DoRAConfig targeting exactly their modules of `model`, tensors keyed as dora_ext's layers save them) of
-    `adapters`. Output axis: PEFT's layout, which is dora_ext's (peft_form.to_peft)."""
-    inputs = sorted(name for name, a in adapters.items() if a.axis == IN)
-    if inputs:
-        # INPUT AXIS: the place to wire dora_ext's input-axis layers (DoRAConfig / add_adapter norm_axis="in"): give
-        # these modules a config with norm_axis="in" and their magnitude in that layer's shape, keyed
-        # `base_model.model.<module>.lora_magnitude_vector` like the output axis; everything else stays as it is.
-        raise NotImplementedError(f"{what}: {len(inputs)} module(s) hold input-axis magnitudes (LyCORIS "
-                                  f"wd_on_out=False / OneTrainer's default), e.g. {inputs[:3]}; dora_ext's layers do "
-                                  "not load the input axis yet")
-    return to_peft(adapters, what, model)
+    `adapters` (peft_form.to_layers): output axis in PEFT's layout; input axis (LyCORIS wd_on_out=False,
+    OneTrainer's default) with norm_axis="in" and the magnitude in that layer's shape. A file mixing the axes is
+    refused: one adapter has one norm_axis."""
+    return to_layers(adapters, what, model)
 
 
 def load_lycoris(model: nn.Module, source: str | os.PathLike | dict[str, Tensor], adapter_name: str = "default", *,
                  prefixes: dict[str, str] | None = None, norm_axis: str | None = None,
                  is_trainable: bool = False) -> nn.Module:
     """Load a LyCORIS / kohya / OneTrainer / ai-toolkit DoRA file (a .safetensors path or a state dict) into `model`
-    in place, as adapter `adapter_name` of dora_ext's own layers; returns the model.
+    in place, as adapter `adapter_name` of dora_ext's own layers; returns the model. Output-axis files (LyCORIS's
+    default wd_on_out=True, ai-toolkit) load as PEFT's DoRA, input-axis ones (wd_on_out=False, OneTrainer's default)
+    as norm_axis="in" adapters (DoRAConfig.norm_axis); one file, one axis.
 
     prefixes: {file prefix: submodule path} for a file holding several models, e.g. kohya's "lora_unet" and
     "lora_te" for a container of both (module_names.py); norm_axis: decides an axis the shapes leave open (in = out =

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-__all__ = ["ModuleAdapter", "AXES", "OUT", "IN", "lycoris_scale", "peft_magnitude"]
+__all__ = ["ModuleAdapter", "AXES", "OUT", "IN", "lycoris_scale", "peft_magnitude", "layer_magnitude"]
 
 OUT, IN = "out", "in"
 AXES = (OUT, IN)
@@ -73,3 +73,11 @@ def peft_magnitude(adapter: ModuleAdapter) -> Tensor:
                          "magnitude has no PEFT form")
     m = adapter.magnitude
     return m if adapter.lora_A.dim() == 2 else m.reshape(1, -1, *(1,) * (adapter.lora_A.dim() - 2))
+
+
+def layer_magnitude(adapter: ModuleAdapter) -> Tensor:
+    """The magnitude as dora_ext's layers hold it (DoRALayer.magnitude_shape): on the output axis PEFT's
+    (peft_magnitude), on the input axis [in] for a linear and [1, C_in, 1…] for a conv (LyCORIS's dora_scale)."""
+    if adapter.axis == OUT:
+        return peft_magnitude(adapter)
+    return adapter.magnitude if adapter.lora_A.dim() == 2 else lycoris_scale(adapter)

@@ -25,9 +25,9 @@ from ..checkpoint import read_adapter_dir
 from ..config import DoRAConfig
 from ..model_state import adapter_root, dora_layers
 from ..saving import KEY_PREFIX, adapter_files
-from .neutral import IN, OUT, ModuleAdapter, peft_magnitude
+from .neutral import IN, OUT, ModuleAdapter, layer_magnitude
 
-__all__ = ["to_peft", "from_peft", "read_peft_dir", "model_adapters"]
+__all__ = ["to_layers", "to_peft", "from_peft", "read_peft_dir", "model_adapters"]
 
 _A, _B, _M = "lora_A.weight", "lora_B.weight", "lora_magnitude_vector"
 
@@ -49,21 +49,28 @@ def _exact(config: DoRAConfig, adapters: dict[str, ModuleAdapter], model: nn.Mod
     return config
 
 
-def to_peft(adapters: dict[str, ModuleAdapter], what: str = "dora_ext.save_peft", model: nn.Module | None = None
-            ) -> tuple[DoRAConfig, dict[str, Tensor]]:
-    """(DoRAConfig, PEFT-keyed tensors) of output-axis adapters; input-axis ones are refused (not exact). With the
-    `model` they are for, the config targets exactly their modules in it (_exact)."""
+def to_layers(adapters: dict[str, ModuleAdapter], what: str = "dora_ext.load_lycoris",
+              model: nn.Module | None = None) -> tuple[DoRAConfig, dict[str, Tensor]]:
+    """(DoRAConfig, tensors keyed as dora_ext's layers save them) of adapters on one axis. Output axis: PEFT's
+    config and layout. Input axis: the same keys, the config's norm_axis "in" and each magnitude in the input-axis
+    layer's shape (layer_magnitude). With the `model` they are for, the config targets exactly their modules in it
+    (_exact). Both axes at once are refused: one adapter (one DoRAConfig) has one norm_axis."""
     if not adapters:
         raise ValueError(f"{what}: no adapters to write")
-    inputs = sorted(name for name, a in adapters.items() if a.axis == IN)
-    if inputs:
-        raise ValueError(f"{what}: {len(inputs)} module(s) hold input-axis magnitudes ({inputs[:3]}...): PEFT's DoRA "
-                         "normalises output rows, so the conversion would not be exact; refused (load them with "
-                         "dora_ext, or keep the LyCORIS file)")
+    by_axis: dict[str, list[str]] = {}
+    for name, a in sorted(adapters.items()):
+        by_axis.setdefault(a.axis, []).append(name)
+    if len(by_axis) > 1:
+        raise ValueError(f"{what}: the modules mix the output axis ({len(by_axis[OUT])} module(s), e.g. "
+                         f"{by_axis[OUT][:3]}) and the input axis ({len(by_axis[IN])}, e.g. {by_axis[IN][:3]}); one "
+                         "dora_ext adapter has one norm_axis (DoRAConfig.norm_axis), so such a file is not loaded "
+                         "as one: split it by axis and load each part under its own adapter name (they hold "
+                         "different layers, so set_adapter(model, [both]) runs them together)")
+    (axis,) = by_axis
     r = Counter(a.rank for a in adapters.values()).most_common(1)[0][0]
     alpha = Counter(a.alpha for a in adapters.values()).most_common(1)[0][0]
     # re.escape(name) matches exactly that module (PEFT's get_pattern_key: `(.*\.)?{pattern}$`, as saving.py writes)
-    config = DoRAConfig(r=r, alpha=alpha, target_modules=sorted(adapters),
+    config = DoRAConfig(r=r, alpha=alpha, target_modules=sorted(adapters), norm_axis=axis,
                         rank_pattern={re.escape(n): a.rank for n, a in adapters.items() if a.rank != r},
                         alpha_pattern={re.escape(n): a.alpha for n, a in adapters.items() if a.alpha != alpha})
     if model is not None:
@@ -72,13 +79,27 @@ def to_peft(adapters: dict[str, ModuleAdapter], what: str = "dora_ext.save_peft"
     for name, a in adapters.items():
         tensors[f"{KEY_PREFIX}{name}.{_A}"] = a.lora_A
         tensors[f"{KEY_PREFIX}{name}.{_B}"] = a.lora_B
-        tensors[f"{KEY_PREFIX}{name}.{_M}"] = peft_magnitude(a)
+        tensors[f"{KEY_PREFIX}{name}.{_M}"] = layer_magnitude(a)
     return config, tensors
 
 
-def from_peft(config: DoRAConfig, tensors: dict[str, Tensor], what: str = "dora_ext.read_adapter_file"
-              ) -> dict[str, ModuleAdapter]:
-    """{module path: ModuleAdapter} of a PEFT DoRA adapter (config + PEFT-keyed tensors)."""
+def to_peft(adapters: dict[str, ModuleAdapter], what: str = "dora_ext.save_peft", model: nn.Module | None = None
+            ) -> tuple[DoRAConfig, dict[str, Tensor]]:
+    """(DoRAConfig, PEFT-keyed tensors) of output-axis adapters (to_layers); input-axis ones are refused (not
+    exact)."""
+    inputs = sorted(name for name, a in adapters.items() if a.axis == IN)
+    if inputs:
+        raise ValueError(f"{what}: {len(inputs)} module(s) hold input-axis magnitudes ({inputs[:3]}...): PEFT's DoRA "
+                         "normalises output rows, so the conversion would not be exact; refused (load them with "
+                         "dora_ext, or keep the LyCORIS file)")
+    return to_layers(adapters, what, model)
+
+
+def from_peft(config: DoRAConfig, tensors: dict[str, Tensor], what: str = "dora_ext.read_adapter_file",
+              axes: dict[str, str] | None = None) -> dict[str, ModuleAdapter]:
+    """{module path: ModuleAdapter} of a DoRA adapter in PEFT's layout (config + PEFT-keyed tensors); axes: {module
+    path: "out" / "in"} (model_adapters: what each layer computes), default the config's norm_axis (a PEFT
+    adapter_config.json: always "out")."""
     if config.variant != "dora" or config.dynamic_rank:
         raise ValueError(f"{what}: the adapter is {config.variant_object().label()}, not DoRA; only DoRA adapters have "
                          "a LyCORIS / ai-toolkit DoRA form")
@@ -102,7 +123,8 @@ def from_peft(config: DoRAConfig, tensors: dict[str, Tensor], what: str = "dora_
         lora_alpha = config.alpha_for(name)
         # the neutral alpha is scaling·r: PEFT's lora_alpha/√r under rsLoRA (not bit-exact then), else lora_alpha
         alpha = float(lora_alpha * math.sqrt(r)) if config.use_rslora else float(lora_alpha)
-        out[name] = ModuleAdapter(g[_A], g[_B], alpha, g[_M].reshape(-1), OUT)
+        axis = config.norm_axis if axes is None else axes[name]
+        out[name] = ModuleAdapter(g[_A], g[_B], alpha, g[_M].reshape(-1), axis)
     return out
 
 
@@ -114,9 +136,13 @@ def read_peft_dir(path: str | os.PathLike, what: str = "dora_ext.read_adapter_fi
 
 def model_adapters(model: nn.Module, adapter_name: str = "default") -> dict[str, ModuleAdapter]:
     """{module path: ModuleAdapter} of adapter `adapter_name` of a model built by dora_ext (inject, load_adapter,
-    load_lycoris): the tensors save_adapter would write (EDoRA exported as DoRA, dynamic rank folded), detached.
-    The paths are relative to the model, as its adapter files name them."""
-    if not any(adapter_name in layer.r for layer in dora_layers(model).values()):
+    load_lycoris): the tensors save_adapter would write (EDoRA exported as DoRA, dynamic rank folded), detached,
+    each on the axis its layer normalises (input-axis adapters too: save_lycoris writes them, save_peft and
+    save_ai_toolkit refuse them). The paths are relative to the model, as its adapter files name them."""
+    holders = {name: layer for name, layer in dora_layers(model).items() if adapter_name in layer.r}
+    if not holders:
         raise ValueError(f"dora_ext.model_adapters: the model has no adapter {adapter_name!r} of dora_ext's layers")
-    config, tensors = adapter_files(model, adapter_name, as_dora=True, save_embedding_layers=False)
-    return from_peft(config, {k: t.detach() for k, t in tensors.items()}, "dora_ext.model_adapters")
+    config, tensors = adapter_files(model, adapter_name, as_dora=True, save_embedding_layers=False,
+                                    allow_input_axis=True)
+    axes = {name: layer.norm_axis[adapter_name] for name, layer in holders.items()}
+    return from_peft(config, {k: t.detach() for k, t in tensors.items()}, "dora_ext.model_adapters", axes)

@@ -155,9 +155,18 @@ class DoRALayer(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def adapter_shapes(cls, base: nn.Module, r: int, variant: Variant) -> dict[str, tuple]:
-        """Shapes by saved-key suffix for a rank-r adapter on `base` (used to validate checkpoints up front)."""
-        a, b, m = cls.factor_shapes(base, r)
+    def magnitude_shape(cls, base: nn.Module, axis: str = "out") -> tuple:
+        """The magnitude's shape on `base`: the kind's per-output-row shape (factor_shapes), or for norm_axis "in" one
+        entry per input column ([in]: it broadcasts over x's last dim, as the gain it makes multiplies x)."""
+        a, _, m = cls.factor_shapes(base, 1)
+        return m if axis == "out" else (a[1],)
+
+    @classmethod
+    def adapter_shapes(cls, base: nn.Module, r: int, variant: Variant, norm_axis: str = "out") -> dict[str, tuple]:
+        """Shapes by saved-key suffix for a rank-r adapter on `base` whose norm is on `norm_axis` (used to validate
+        checkpoints up front)."""
+        a, b, _ = cls.factor_shapes(base, r)
+        m = cls.magnitude_shape(base, norm_axis)
         (_, a_key), (_, b_key) = cls.saved_keys[:2]
         shapes = {a_key: a, b_key: b, "lora_magnitude_vector": m, **variant.extra_shapes(r)}
         return {suffix: shapes[suffix] for _, suffix, _ in variant.specs(cls.saved_keys[:2])}
@@ -177,11 +186,6 @@ class DoRALayer(nn.Module):
     def norm_inputs(self, name: str) -> list[Tensor]:
         """The raw tensors the norm of adapter `name` depends on (besides W): the eval-cache key."""
         return [self._tensor(c, name) for c, _, _ in self.tensor_specs(name) if c != "lora_magnitude_vector"]
-
-    def _magnitude_shape(self, axis: str = "out") -> tuple:
-        """The magnitude's shape: one entry per output row, or per input column for norm_axis "in" ([in]: it
-        broadcasts over x's last dim, as the gain it makes multiplies x)."""
-        return (self.out_features if axis == "out" else self.in_features,)
 
     # ----------------------------------------------------------------------------------------------- state
     @property
@@ -256,8 +260,8 @@ class DoRALayer(nn.Module):
                 if layout is not None:  # tensor parallel: the adapter split like the base weight
                     self._shard_factors(name, layout)
                 if self.has_magnitude(name):
-                    m = functional.init_magnitude(self.weight_norm(name), self._magnitude_shape(norm_axis),
-                                                  adapter_dtype)
+                    shape = self.magnitude_shape(self.base_layer, norm_axis)
+                    m = functional.init_magnitude(self.weight_norm(name), shape, adapter_dtype)
                     self.lora_magnitude_vector[name] = Magnitude(nn.Parameter(m))
             self.set_adapter(self.active_adapters or [name])
         except BaseException:

@@ -41,8 +41,11 @@ class Conv(DoRALayer):
         return (r, base.in_channels, *base.kernel_size), (base.out_channels, r // base.groups, *ones), \
             (1, base.out_channels, *ones)
 
-    def _magnitude_shape(self, axis="out"):
-        return (1, self.out_features if axis == "out" else self.in_features) + (1,) * (self.weight.dim() - 2)
+    @classmethod
+    def magnitude_shape(cls, base, axis="out"):
+        if axis == "out":
+            return super().magnitude_shape(base, axis)
+        return (1, base.in_channels) + (1,) * (base.weight.dim() - 2)  # LyCORIS's dora_scale [1, C_in, 1…]
 
     def _check_input_axis(self, what):
         super()._check_input_axis(what)
