@@ -122,13 +122,13 @@ def worker(rank: int, args, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for name, default in (("hidden", 512), ("intermediate", 1376), ("layers", 2), ("seq", 128), ("batch", 2),
                           ("r", 16), ("warmup", 2), ("reps", 9)):
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    args = p.parse_args()
+    args = p.parse_args(argv)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

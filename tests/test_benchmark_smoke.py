@@ -63,3 +63,19 @@ def test_tiny_host_overhead_benchmark_writes_results(tmp_path):
     # a backward dispatches more ops than the forward alone, and PEFT LoRA's forward is at least its three GEMMs
     assert all(ops["fwd_bwd", p] > ops["fwd", p] for p in bench_host_overhead.PROVIDERS), ops
     assert ops["fwd", "peft_lora"] >= 3 and all(r["kernels"] == "" for r in rows), ops
+
+
+def test_tiny_tp_benchmark_counts_one_norm_all_reduce_per_row_parallel_layer_each_way(tmp_path):
+    """bench_tp on a tiny stack (2 gloo processes): the counts are exact, whatever the timing: DoRA's collectives
+    beyond TP LoRA's are one [out] fp32 all-reduce per row-parallel layer in the forward (the norm) and one in the
+    backward (the replicated magnitude's gradient), none for column-parallel layers."""
+    import bench_tp
+
+    hidden = 64
+    bench_tp.main(["--hidden", str(hidden), "--intermediate", "128", "--seq", "8", "--r", "4", "--warmup", "0",
+                   "--reps", "2", "--out", str(tmp_path)])
+    with open(tmp_path / "tp-cpu-2procs.csv") as f:
+        rows = {r["what"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"collective allreduce", "step ms (p50 [p20, p80])"}
+    assert rows["collective allreduce"]["per_row_parallel_layer"] == f"2 ({2 * hidden * 4} B)"
+    assert "PEFT's own DoRA on the same sharded model: " in (tmp_path / "tp-cpu-2procs.md").read_text()
