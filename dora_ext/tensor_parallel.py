@@ -42,7 +42,7 @@ except ImportError:  # pragma: no cover - such builds cannot shard a layer eithe
     DTensor = None
 
 __all__ = ["Layout", "is_sharded", "layout_of", "check_target", "local", "shard_like_base", "weight_norm", "linear", "rescale_one",
-           "merge_args", "run_with_base_hooks", "whole_factors", "COLWISE", "ROWWISE"]
+           "merge_args", "run_with_base_hooks", "check_base_forward", "whole_factors", "COLWISE", "ROWWISE"]
 
 COLWISE, ROWWISE = "colwise", "rowwise"
 
@@ -207,7 +207,9 @@ def weight_norm(weight_2d: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: floa
             n = n.square()
             dist.all_reduce(n, group=layout.group)  # Σ over the slices of every row
             n = n.sqrt_()
-    return DTensor.from_local(n, layout.mesh, [layout.placement(dims["norm"])], run_check=False)
+    out = weight_2d.shape[0]  # the global size: shards may be uneven (torch.chunk)
+    return DTensor.from_local(n, layout.mesh, [layout.placement(dims["norm"])], run_check=False, shape=(out,),
+                              stride=(1,))
 
 
 # ------------------------------------------------------------------------------------------------ the forward
@@ -292,6 +294,34 @@ def rescale_one(x: Tensor, result: Tensor, a, bias: Tensor | None, training: boo
     return local_rescale(x, result, local_a, None if bias is None else whole(bias), training, weight=w, first=False)
 
 
+#: the input / output layouts of a replaced forward that run_with_base_hooks reproduces: each style's default
+_DEFAULT_LAYOUTS = {COLWISE: ("Replicate()", "Shard(dim=-1)"), ROWWISE: ("Shard(dim=-1)", "Replicate()")}
+
+
+def check_base_forward(base_layer: nn.Module, layout: Layout) -> None:
+    """Refuse what the wrapped forward cannot reproduce, by name: hooks taking kwargs (or always_call ones), and a
+    forward replaced on the instance (transformers' tp_plan installs its style that way) by a style whose layouts
+    are not the TP style's defaults (sequence parallel, colwise_rep, rowwise_split_input, ...): the wrapper would
+    take a whole input for a slice, or skip a gather."""
+    where = f"dora_ext: a {layout.style} {type(base_layer).__name__} base layer"
+    # torch.nn.Module's own bookkeeping of hooks registered with_kwargs / always_call
+    odd = [n for n in ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+           if getattr(base_layer, n, None)]
+    if odd:
+        raise ValueError(f"{where} has forward hooks registered with kwargs or always_call ({odd}); dora_ext runs "
+                         "the TP styles' plain input/output hooks only")
+    forward = vars(base_layer).get("forward")
+    if forward is None:
+        return
+    style = next((c.cell_contents for c in (getattr(forward, "__closure__", None) or ())
+                  if hasattr(c.cell_contents, "input_layouts") and hasattr(c.cell_contents, "output_layouts")), None)
+    layouts = None if style is None else (repr(style.input_layouts), repr(style.output_layouts))
+    if layouts != _DEFAULT_LAYOUTS[layout.style]:
+        raise ValueError(f"{where} runs a replaced forward ({type(style).__name__ if style else forward!r} with "
+                         f"layouts {layouts}); dora_ext reproduces the default {layout.style} layouts "
+                         f"{_DEFAULT_LAYOUTS[layout.style]} only")
+
+
 def run_with_base_hooks(base_layer: nn.Module, x: Tensor, layout: Layout, compute: Callable[[Tensor], Tensor]):
     """compute(x_local) between the TP input and output conversions parallelize_module installed on the base
     layer (its forward pre-hook and forward hook), so the wrapped layer takes and returns exactly what the sharded
@@ -299,6 +329,7 @@ def run_with_base_hooks(base_layer: nn.Module, x: Tensor, layout: Layout, comput
     F.linear would produce before the output hook: Shard(-1) column-parallel; row-parallel the summed output,
     Replicate (where the base would hand over a Partial: the reduction is done already, so the hook's
     redistribute to Replicate is free and one to Shard (sequence parallel) is a local slice)."""
+    check_base_forward(base_layer, layout)
     args = (x,)
     for hook in base_layer._forward_pre_hooks.values():
         out = hook(base_layer, args)
@@ -314,8 +345,9 @@ def run_with_base_hooks(base_layer: nn.Module, x: Tensor, layout: Layout, comput
         x_local = x_in
     y = compute(x_local)
     if base_layer._forward_hooks:
+        shape = (*y.shape[:-1], base_layer.weight.shape[0])  # global: column shards may be uneven
         y = DTensor.from_local(y, layout.mesh, [Shard(y.dim() - 1) if layout.style == COLWISE else Replicate()],
-                               run_check=False)
+                               run_check=False, shape=shape, stride=torch.empty(shape, device="meta").stride())
         for hook in base_layer._forward_hooks.values():
             out = hook(base_layer, args, y)
             if out is not None:

@@ -72,8 +72,8 @@ def test_tp_step_matches_one_process(runs, case):
         # the oracle is the same computation: one process's error is a few roundings through the model, not more
         assert_close_normwise(single[key], oracle[key], 2 ** 10 * eps, msg=f"{name}: one process vs float64 {key}")
         assert_error_within(tp[key], single[key], oracle[key], eps=eps, msg=f"{name}: {key}")
-    for k in grads:  # B = 0 at init: dA is exactly 0 on the first step, dB and dm are not
-        assert (tp[k].norm() > 0) != ("lora_A" in k), k
+    for k in grads:  # B and m moved off their init (tp_train.perturb): every gradient takes part
+        assert tp[k].norm() > 0, k
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c["dtype"] == "float32" and c["dropout"] == 0], ids=case_name)
@@ -131,9 +131,10 @@ def hf_runs(tmp_path_factory):
 
 @pytest.mark.parametrize("route", ["inject", "patch_peft", "peft_lora"])
 def test_transformers_tp_plan_matches_one_process(hf_runs, route):
-    """A model loaded with tp_plan="auto" (biased projections), a PEFT DoRA adapter loaded by each route: eval
-    logits, and for the DoRA routes the training step's loss, every gradient and the SGD update, against the same
-    calls in one process (the criterion of the module docstring). peft_lora: PEFT's own LoRA under TP beside it."""
+    """A model loaded with tp_plan="auto" (biased attention, unbiased MLP), a PEFT DoRA adapter with dropout 0.1
+    loaded by each route: eval logits, and for the DoRA routes the training step's loss, every gradient and the SGD
+    update, against the same calls in one process (the criterion of the module docstring). peft_lora: PEFT's own
+    LoRA under TP beside it."""
     (runs, _) = hf_runs
     single, oracle, tp = runs["single"], runs["single64"], runs["tp"]
     keys = [k for k in single if k.startswith(route + ".")]

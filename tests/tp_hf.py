@@ -1,6 +1,7 @@
 """Tensor-parallel DoRA on a transformers model loaded with `tp_plan="auto"` (2 gloo processes on the CPU), for
-tests/test_tensor_parallel.py: a tiny Llama saved locally (biases in every projection, non-zero), and a PEFT DoRA
-adapter saved by PEFT in one process (trained-looking: B and the magnitude perturbed), then, per route:
+tests/test_tensor_parallel.py: a tiny Llama saved locally (non-zero biases in the attention projections, none in the
+MLP), and a PEFT DoRA adapter (dropout 0.1) saved by PEFT in one process (trained-looking: B and the magnitude
+perturbed), then, per route:
 
   inject      dora_ext.load_adapter onto the model (dora_ext's own layers)
   patch_peft  peft.PeftModel.from_pretrained under dora_ext.patch_peft() (PEFT's layers, fused variants)
@@ -39,7 +40,8 @@ def prep(root: Path) -> None:
     import peft
 
     model = tiny_llama()
-    model.config.attention_bias = model.config.mlp_bias = True
+    # biased attention projections, unbiased MLP: both kinds of fused path on both layouts
+    model.config.attention_bias, model.config.mlp_bias = True, False
     torch.manual_seed(0)
     from transformers import LlamaForCausalLM
 
@@ -53,7 +55,7 @@ def prep(root: Path) -> None:
         torch.manual_seed(1)
         pm = peft.get_peft_model(LlamaForCausalLM.from_pretrained(root / "base"),
                                  peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=use_dora,
-                                                 lora_dropout=0.0))
+                                                 lora_dropout=0.1))
         with torch.no_grad():
             for name, p in pm.named_parameters():
                 if "lora_B" in name:
@@ -91,12 +93,13 @@ def run(rank: int, world: int, mode: str, root: str, port: int) -> None:
     batch = llama_batch(batch=4)
     out = {}
     for route in ROUTES:
-        model = _load(root, route, dtype, tp)
+        model = _load(root, route, dtype, tp).eval()  # new layers start in train mode (PEFT's too)
         with torch.no_grad():
             out[f"{route}.logits"] = _full(model(input_ids=batch["input_ids"]).logits)
         if route == "peft_lora":
             continue
         model.train()
+        torch.manual_seed(1)  # the dropout masks: the same draws in every run
         loss = model(**batch).loss
         loss.backward()
         params = {n.replace("base_model.model.", ""): p for n, p in model.named_parameters() if p.requires_grad}

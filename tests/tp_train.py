@@ -3,8 +3,8 @@ linear layer, single process (the float32 run, and the float64 oracle), or 2 pro
 parallelize_module: q/k/v/gate/up column-parallel, o/down row-parallel, lm_head left whole.
 
 For each case (dropout 0 and 0.1, projections with and without bias, float32 and bfloat16) one training step: the
-loss, the whole gradient of every trainable tensor, the tensors after one SGD step, and the eval logits; plus the
-magnitude right after init and the adapter as save_adapter writes it (gathered from the shards). Both runs seed
+loss, the whole gradient of every trainable tensor, the tensors after one SGD step, and the eval logits, from B and
+the magnitude moved off their init (perturb); plus the magnitude right after init and the adapter as save_adapter writes it (gathered from the shards). Both runs seed
 alike, so the adapter init (distributed from rank 0) and every dropout mask are the same draws in both.
 
 Usage: tp_train.py MODE OUT PORT, MODE in single, single64, tp, tp_fsdp2 (4 processes: FSDP2 × TP on a 2-D mesh,
@@ -102,6 +102,7 @@ def run_case(case: dict, mode: str, out: Path, rank: int, mesh, dp_mesh=None) ->
         A, B = layer.factors("default")
         result["base"][f"{name}.weight"] = _full(layer.weight)
         result["base"][f"{name}.lora_A"], result["base"][f"{name}.lora_B"] = _full(A), _full(B)
+    perturb(model)
     batch = llama_batch(batch=4)
     if dp_mesh is not None:  # equal halves: FSDP2's averaged gradients are the whole batch's
         half, dp = 2, dp_mesh.get_local_rank()
@@ -142,6 +143,17 @@ def run_case(case: dict, mode: str, out: Path, rank: int, mesh, dp_mesh=None) ->
         flat.update({f"m0.{n}": t for n, t in result["magnitude_init"].items()})
         flat.update({f"base.{n}": t for n, t in result["base"].items()})
         safetensors.torch.save_file({k: v.contiguous() for k, v in flat.items()}, str(d / "result.safetensors"))
+
+
+@torch.no_grad()
+def perturb(model) -> None:
+    """B and the magnitude moved off their init (B = 0, m = ‖W‖: gain 1, dA = 0), drawn in float32 from a fixed
+    generator, so every gradient and the gain take part from the first step, alike in every run."""
+    gen = torch.Generator().manual_seed(3)
+    for layer in dora_ext.dora_layers(model).values():
+        B, m = layer.factor_tensors("default")[1], layer.lora_magnitude_vector["default"].weight
+        _set_whole(B, 0.05 * torch.randn(B.shape, generator=gen).to(B.dtype))
+        _set_whole(m, (_full(m).float() * (1 + 0.1 * torch.randn(m.shape, generator=gen))).to(m.dtype))
 
 
 def _set_whole(p: torch.Tensor, value: torch.Tensor) -> None:

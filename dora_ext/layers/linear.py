@@ -95,6 +95,9 @@ class Linear(DoRALayer):
                                               self.training))
 
     def _mixed_forward(self, x: Tensor, names: list[str], *args, **kwargs) -> Tensor:
+        if tensor_parallel.is_sharded(self.weight):
+            raise ValueError(f"dora_ext.{type(self).__name__}: mixed-adapter batches (dora_ext.mixed_adapters / "
+                             "adapter_names) do not run on tensor-parallel (sharded) layers")
         if any(self.norm_axis.get(n) == "in" for n in names):  # its gain scales x: no shared base product
             return super()._mixed_forward(x, names, *args, **kwargs)
         mixed_batch.check_names(names, x.shape[0], f"dora_ext.{type(self).__name__}")
