@@ -63,3 +63,26 @@ def test_tiny_host_overhead_benchmark_writes_results(tmp_path):
     # a backward dispatches more ops than the forward alone, and PEFT LoRA's forward is at least its three GEMMs
     assert all(ops["fwd_bwd", p] > ops["fwd", p] for p in bench_host_overhead.PROVIDERS), ops
     assert ops["fwd", "peft_lora"] >= 3 and all(r["kernels"] == "" for r in rows), ops
+
+
+def test_tiny_lycoris_benchmark_writes_results(tmp_path):
+    pytest.importorskip("lycoris")
+    pytest.importorskip("diffusers")
+    import bench_lycoris
+
+    bench_lycoris.main(["--channels", "16", "32", "--groups", "8", "--context-dim", "16", "--sample", "8",
+                        "--batch", "1", "--r", "2", "--warmup", "0", "--reps", "1", "--out", str(tmp_path),
+                        "--name", "lycoris"])
+    with open(tmp_path / "lycoris.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["provider"], r["wd_on_out"]) for r in rows] == [
+        ("lycoris_dora", "out"), ("lycoris_dora_patched", "out"), ("lycoris_dora_patched_min_memory", "out"),
+        ("lycoris_locon", ""), ("lycoris_dora", "in"), ("lycoris_dora_patched", "in")]
+    assert all(float(r["ms"]) > 0 and float(r["peak_mib"]) > 0 and r["lycoris"] and r["diffusers"] for r in rows)
+    # patched and unpatched compute the same function: the same first loss, to fp32 rounding through the UNet
+    # (measured ~1e-7 relative; loss0 is written with 7 digits: 5e-7)
+    loss = {(r["provider"], r["wd_on_out"]): float(r["loss0"]) for r in rows}
+    for provider, axis in (("lycoris_dora_patched", "out"), ("lycoris_dora_patched_min_memory", "out"),
+                           ("lycoris_dora_patched", "in")):
+        assert loss[provider, axis] == pytest.approx(loss["lycoris_dora", axis], rel=1e-5)
+    assert (tmp_path / "lycoris.md").read_text().count("\n| lycoris_") == 6
