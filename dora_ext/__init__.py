@@ -28,6 +28,7 @@ from .config import DoRAConfig  # noqa: E402
 from .dynamic_rank import DynamicRankAllocator  # noqa: E402
 from .layer_state import norm_caching  # noqa: E402
 from .loraplus import create_loraplus_optimizer, loraplus_param_groups  # noqa: E402
+from .lycoris_patching import lycoris_fusion, lycoris_patched, patch_lycoris, unpatch_lycoris  # noqa: E402
 from .model import (  # noqa: E402
     add_adapter, delete_adapter, disable_adapters, dora_layers, get_nb_trainable_parameters, inject,
     merge_and_unload, print_trainable_parameters, set_adapter, unload,
@@ -44,4 +45,5 @@ __all__ = [
     "loraplus_param_groups", "create_loraplus_optimizer", "functional", "layers", "ops", "quantized", "reference", "serving", "__version__",
     "adapter_files", "ModuleAdapter", "read_adapter_file", "model_adapters", "load_lycoris", "save_lycoris",
     "save_ai_toolkit", "save_peft", "lycoris_to_peft", "peft_to_lycoris",
+    "patch_lycoris", "unpatch_lycoris", "lycoris_patched", "lycoris_fusion",
 ]

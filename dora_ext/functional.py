@@ -22,6 +22,10 @@ autograd over the one elementwise product (the magnitude gets its gradient throu
 for "out"). Its norm runs in the same fused row op over transposed views (`input_axis_blocks`, `input_norm`). An
 input-axis adapter is the only active (and the only merged) adapter of its layer: layers refuse mixing the axes.
 
+LyCORIS's DoRA (its LoCon with dora_wd, lycoris_patching.py) differs from DoRA's in its gain only:
+G = μ·(m / (‖W + s·B·A‖ + ε) − 1) + 1 with the norm differentiated (`decomposed_gain`); the forward forms above then
+take G as the magnitude over a norm of ones.
+
 The dtype rule, PEFT's (peft/tuners/lora/layer.py, bnb.py): x is cast to the adapter's dtype, each adapter's update
 is computed in promote(result dtype, adapter dtype) and returned in it, and the layer casts its output back to the
 base output's dtype: once, after all adapters, for Linear, Conv1D, Conv and Embedding; after each adapter for
@@ -39,11 +43,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops, quantized, tensor_parallel
+from .differentiable_norm import with_gradient
 from .numerics import NORM_EPS
 
 __all__ = ["Adapter", "weight_norm", "norm_key", "init_magnitude", "layer_product", "linear", "rescale",
            "rescale_one", "ConvSpec", "conv_spec", "conv", "conv_one", "embedding", "embedding_one",
-           "input_axis_blocks", "input_norm", "linear_in", "conv_in"]
+           "input_axis_blocks", "input_norm", "decomposed_gain", "linear_in", "conv_in"]
 
 
 class Adapter(NamedTuple):
@@ -118,6 +123,33 @@ def input_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -
         return ops.weight_norm(W, A, B, scaling)
     squares = [ops.weight_norm(w, a, b, scaling).square() for w, a, b in zip(W, A, B)]
     return torch.stack(squares).sum(0).sqrt()
+
+
+def decomposed_gain(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, magnitude: Tensor, *,
+                    axis: str, eps: float, multiplier: float = 1.0) -> Tensor:
+    """LyCORIS's DoRA gain (lycoris/functional/general.py _weight_decompose, on the weight W + s·B·A its LoCon
+    forward builds): G = μ·(m / (‖W + s·B·A‖ + ε) − 1) + 1, so W_eff = (W + s·B·A)·G, one gain per output row
+    (axis "out") or per input column (axis "in"; a convolution: per input channel, the norm over (out, k…)).
+    Unlike DoRA's g (_gain) the norm is *not* a constant here: G is differentiable with respect to lora_A and
+    lora_B through it (the fused norm, with the gradient differentiable_norm.with_gradient gives it: LyCORIS's),
+    and to m.
+    ε is added to the norm, not a clamp (LyCORIS: finfo(dora_scale.dtype).eps); μ (the multiplier) interpolates
+    the gain only, so μ = 0 leaves W + s·B·A. weight [out, in] or [out, C_in, k…]; lora_A [r, in] or
+    [r, C_in, k…]; lora_B [out, r] or [out, r, 1…]; magnitude: out (or in) elements, any shape.
+    Returns the flat gain [out] (or [in]) in float32 (float64 for float64 inputs)."""
+    B = lora_B.reshape(lora_B.shape[0], -1)
+    W2d, A2d = weight.reshape(weight.shape[0], -1), lora_A.reshape(lora_A.shape[0], -1)
+    if axis == "out":
+        norm = with_gradient(weight_norm(W2d, A2d, B, scaling), W2d, A2d, B, scaling, axis="row")
+    elif axis == "in":  # an input channel's columns are its k… taps, consecutive in W.reshape(out, -1)
+        norm = with_gradient(input_norm(weight, lora_A, B, scaling), W2d, A2d, B, scaling, axis="column",
+                             group=W2d.shape[1] // weight.shape[1])
+    else:
+        raise ValueError(f"dora_ext.functional.decomposed_gain: expected axis 'out' or 'in', got {axis!r}")
+    gain = magnitude.reshape(-1).to(norm.dtype) / (norm + eps)
+    if multiplier != 1:  # (as LyCORIS: at μ = 1 the interpolation is skipped, not computed)
+        gain = multiplier * (gain - 1) + 1
+    return gain
 
 
 def _gain(a: Adapter) -> Tensor:

@@ -79,3 +79,25 @@ def test_tiny_tp_benchmark_counts_one_norm_all_reduce_per_row_parallel_layer_eac
     assert set(rows) == {"collective allreduce", "step ms (p50 [p20, p80])"}
     assert rows["collective allreduce"]["per_row_parallel_layer"] == f"2 ({2 * hidden * 4} B)"
     assert "PEFT's own DoRA on the same sharded model: " in (tmp_path / "tp-cpu-2procs.md").read_text()
+
+def test_tiny_lycoris_benchmark_writes_results(tmp_path):
+    pytest.importorskip("lycoris")
+    pytest.importorskip("diffusers")
+    import bench_lycoris
+
+    bench_lycoris.main(["--channels", "16", "32", "--groups", "8", "--context-dim", "16", "--sample", "8",
+                        "--batch", "1", "--r", "2", "--warmup", "0", "--reps", "1", "--out", str(tmp_path),
+                        "--name", "lycoris"])
+    with open(tmp_path / "lycoris.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["provider"], r["wd_on_out"]) for r in rows] == [
+        ("lycoris_dora", "out"), ("lycoris_dora_patched", "out"), ("lycoris_dora_patched_min_memory", "out"),
+        ("lycoris_locon", ""), ("lycoris_dora", "in"), ("lycoris_dora_patched", "in")]
+    assert all(float(r["ms"]) > 0 and float(r["peak_mib"]) > 0 and r["lycoris"] and r["diffusers"] for r in rows)
+    # patched and unpatched compute the same function: the same first loss, to fp32 rounding through the UNet
+    # (measured ~1e-7 relative; loss0 is written with 7 digits: 5e-7)
+    loss = {(r["provider"], r["wd_on_out"]): float(r["loss0"]) for r in rows}
+    for provider, axis in (("lycoris_dora_patched", "out"), ("lycoris_dora_patched_min_memory", "out"),
+                           ("lycoris_dora_patched", "in")):
+        assert loss[provider, axis] == pytest.approx(loss["lycoris_dora", axis], rel=1e-5)
+    assert (tmp_path / "lycoris.md").read_text().count("\n| lycoris_") == 6
